@@ -1,0 +1,200 @@
+"""`aird`: the Typer application. Each command parses its options, calls one core function and renders."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from aird import __version__
+from aird.cli.render import RichReporter, console, emit, fmt, read_ref_from_stdin, table, wants_json
+from aird.core.errors import AirdError
+
+app = typer.Typer(
+    name="aird",
+    help="Did pruning or quantization break a chat model's refusal direction, and can a rank-one edit repair it?",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="The named models aird installs from the package index.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+JSON_OPT = typer.Option(False, "--json", help="Print JSONL records on stdout (the default when stdout is piped).")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors a user can cause end in one sentence on stderr and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except AirdError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] rerun the same command to resume.")
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"aird {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")):
+    pass
+
+
+# ---- plugins ----------------------------------------------------------------------------------------------
+@app.command("plugins")
+def plugins_cmd(json_out: bool = JSON_OPT) -> None:
+    """List every registered compressor, probe and scorer plugin, and any plugin that failed to load."""
+    from aird.core.plugins import registry
+
+    with user_errors():
+        reg = registry()
+        rows = [{"record": "plugin", "kind": r.kind, "name": r.name, "origin": r.origin, "version": r.version,
+                 "plugin": r.plugin, "builtin": r.builtin, "description": getattr(r.obj, "description", "")}
+                for r in reg.items]
+        broken = [{"record": "plugin.error", "plugin": b.plugin, "origin": b.origin, "error": b.error} for b in reg.broken]
+        console.print(table("plugins", ["kind", "name", "origin", "version", "description"],
+                            [(r["kind"], r["name"], "built-in" if r["builtin"] else r["origin"], r["version"],
+                              r["description"]) for r in rows]))
+        for b in broken:
+            console.print(f"[red]plugin {b['plugin']} ({b['origin']}) failed to load: {b['error']}", highlight=False)
+        if wants_json(json_out):
+            emit(rows + broken)
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+@models_app.callback()
+def models_list(ctx: typer.Context, json_out: bool = JSON_OPT) -> None:
+    """List the named models: their packages, and whether they are installed, assembled and converted."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from aird.core import registry
+
+    with user_errors():
+        rows = [{"record": "model", **registry.status(m)} for m in registry.MODELS.values()]
+        console.print(table("named models", ["name", "aliases", "installed", "converted", "size MB", "description"],
+                            [(r["name"], ",".join(r["aliases"]), r["installed"], r["converted"],
+                              f"{r['size'] / 1e6:.0f}", r["description"]) for r in rows]))
+        if wants_json(json_out):
+            emit(rows)
+
+
+@models_app.command("install")
+def models_install(name: str = typer.Argument(..., help="A named model (see `aird models`), e.g. default."),
+                   json_out: bool = JSON_OPT) -> None:
+    """pip-install a named model's pinned packages (--no-deps), assemble and verify its GGUF, convert it."""
+    from aird.core import registry
+    from aird.core.loading import prepare_named
+
+    with user_errors():
+        m = registry.lookup(name)
+        if m is None:
+            raise AirdError(f"unknown model {name!r}; named models: {', '.join(registry.MODELS)}.")
+        with console.status(f"installing {m.name} (download, sha256 check, GGUF dequantization)"):
+            folder = prepare_named(m, install=True)
+        console.print(f"[green]{m.name}[/] ready at {folder}")
+        if wants_json(json_out):
+            emit([{"record": "model.installed", "name": m.name, "path": str(folder), "out": str(folder)}])
+
+
+# ---- probe ------------------------------------------------------------------------------------------------
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in Path(spec).name or spec).strip("-") or "model"
+
+
+@app.command("probe")
+def probe_cmd(
+    model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="Same as --model."),
+    model: str = typer.Option("default", "--model", "-m",
+                              help="Named model, model folder, .gguf file, hub id, or - to read a path from stdin."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: runs/probe-<model>]."),
+    n_train: int = typer.Option(128, help="Harmful and harmless training prompts, each (seeded sample)."),
+    n_val: int = typer.Option(32, help="Harmful and harmless validation prompts, each."),
+    seed: int = typer.Option(42),
+    batch_size: int = typer.Option(16),
+    top_k: int = typer.Option(3, help="Score candidates in order of the attribution proxy until this many pass the filters."),
+    max_scored: int = typer.Option(30, help="... or until this many have been scored."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Score every candidate (the reference behaviour; slow)."),
+    filter_prompts: bool = typer.Option(True, "--filter/--no-filter",
+                                        help="Keep harmful prompts the model refuses and harmless ones it answers."),
+    layer_cutoff: float = typer.Option(0.8, help="Candidates must come from layers below cutoff × n_layers."),
+    kl_threshold: float = typer.Option(0.1, help="Maximum KL on harmless prompts under ablation."),
+    method: str = typer.Option("diff-in-means", help="Probe plugin (see `aird plugins`)."),
+    system_prompt: Optional[str] = typer.Option(None, help="System prompt [default: the chat template's own]."),
+    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR", help="Data directory."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads [default: all cores]."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    force: bool = typer.Option(False, "--force", help="Overwrite the artifacts in --out."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Find the refusal direction of a model: difference in means at every layer and post-instruction
+    position, selected by bypass, induce and KL scores as in the reference pipeline."""
+    from aird.core.env import set_threads
+    from aird.core.loading import load_model
+    from aird.core.probe import ProbeConfig, run_probe
+
+    with user_errors():
+        spec = model_arg or model
+        if spec == "-":
+            spec = read_ref_from_stdin()
+        set_threads(threads)
+        cfg = ProbeConfig(n_train=n_train, n_val=n_val, seed=seed, batch_size=batch_size, method=method,
+                          filter_prompts=filter_prompts, layer_cutoff=layer_cutoff, kl_threshold=kl_threshold,
+                          top_k=top_k, max_scored=max_scored, exhaustive=exhaustive, system_prompt=system_prompt,
+                          data_dir=str(data_dir) if data_dir else None, device=device)
+        cfg.validate()
+        out = out or Path("runs") / f"probe-{_slug(spec)}"
+        with console.status(f"loading {spec}"):
+            lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        cfg.dtype = lm.info["dtype"]
+        res = run_probe(lm, cfg, out, force=force, reporter=RichReporter())
+        render_probe(res.summary, res.candidates, res.resumed)
+        if wants_json(json_out):
+            emit([res.summary])
+
+
+def render_probe(summary: dict, candidates: list[dict], resumed: bool) -> None:
+    if resumed:
+        console.print(f"[yellow]{summary['out']} already holds a finished probe; showing it (use --force to redo).", soft_wrap=True)
+    src, q, b = summary["source"], summary["quality"], summary["baseline"]
+    best = sorted(candidates, key=lambda r: float("inf") if r["bypass"] is None else r["bypass"])[:10]
+    console.print(table(
+        f"candidates scored ({summary['n_scored']} of {summary['n_candidates']}, {summary['selection']})",
+        ["layer", "pos", "bypass", "induce", "kl", "proxy", "filtered by"],
+        [(r["layer"], r["position"], r["bypass"], r["induce"], r["kl"], r.get("proxy_bypass"),
+          ",".join(r["reasons"]) or "") for r in best]))
+    relaxed = " [red](filters relaxed: no candidate passed)[/]" if summary["filters_relaxed"] else ""
+    console.print(
+        f"[bold]refusal direction of {summary['model']}[/]: source layer {src['layer']} / {summary['n_layers']}, "
+        f"position {src['position']}{relaxed}\n"
+        f"  quality: bypass {fmt(q['bypass'])} (harmful baseline {fmt(b['harmful_refusal_score'])}), "
+        f"induce {fmt(q['induce'])} (harmless baseline {fmt(b['harmless_refusal_score'])}), KL {fmt(q['kl'], 4)}\n"
+        f"  kept prompts: train {summary['train']['harmful']['kept']}/{summary['train']['harmful']['sampled']} harmful, "
+        f"{summary['train']['harmless']['kept']}/{summary['train']['harmless']['sampled']} harmless; "
+        f"val {summary['val_kept']['harmful']}/{summary['val_kept']['harmful_sampled']} harmful, "
+        f"{summary['val_kept']['harmless']}/{summary['val_kept']['harmless_sampled']} harmless\n"
+        f"  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()) + f"\n  artifacts: {summary['out']}",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `aird ... | head` closes the pipe early
+        sys.stderr.close()
+
+
+if __name__ == "__main__":
+    main()

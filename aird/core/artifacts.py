@@ -1,0 +1,160 @@
+"""Artifacts: JSONL records with a schema version and run metadata, tensors in safetensors beside them.
+
+Every write goes to a temporary file first and is renamed into place, so a killed run never leaves half a
+file; a rerun reads what is there and resumes. Nothing is overwritten without ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aird.core.env import versions
+from aird.core.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+
+
+def _tmp_beside(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(o: Any):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"cannot serialize {type(o).__name__}")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist.")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ArtifactError(f"{path} line {i} is not valid JSON; delete the file or rerun with --force.") from None
+            if not isinstance(rec, dict) or "record" not in rec:
+                raise ArtifactError(f"{path} line {i} is not an aird record; delete the file or rerun with --force.")
+            out.append(rec)
+    return out
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}).") from None
+
+
+@dataclass
+class Run:
+    """Metadata that every record of one run carries."""
+
+    kind: str                    # "probe", "compress", ...
+    model: str
+    config: dict
+    seed: int
+    started: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self, record: str, **payload: Any) -> dict:
+        return {
+            "record": record,
+            "schema": SCHEMA_VERSION,
+            "model": self.model,
+            "config": self.config,
+            "seed": self.seed,
+            "versions": versions(),
+            **payload,
+        }
+
+
+class Stopwatch:
+    """Accumulates wall time per stage into a dict: ``with sw("activations"): ...``."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into = into
+
+    def __call__(self, stage: str):
+        sw = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sw.into[stage] = round(sw.into.get(stage, 0.0) + time.perf_counter() - self.t, 3)
+
+        return _Ctx()
+
+
+def check_resumable(records: list[dict], config: dict, path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """A rerun may reuse records only when they came from the same configuration."""
+    for rec in records:
+        old = {k: v for k, v in (rec.get("config") or {}).items() if k not in ignore}
+        new = {k: v for k, v in config.items() if k not in ignore}
+        if rec.get("schema") != SCHEMA_VERSION:
+            raise ArtifactError(f"{path} was written by another aird schema ({rec.get('schema')}); rerun with --force.")
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ArtifactError(
+                f"{path} holds a run with a different configuration ({', '.join(diff)}); "
+                "use another --out or rerun with --force."
+            )

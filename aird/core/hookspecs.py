@@ -1,0 +1,66 @@
+"""pluggy hook specifications: the three plugin kinds a package can add to aird.
+
+A plugin is a module (or object) listed under the ``aird`` entry-point group that implements one or more of
+these hooks; aird's own compressors, probes and scorers are registered exactly the same way.
+
+    from aird import hookimpl
+
+    @hookimpl
+    def aird_register_compressors(register):
+        register(MyCompressor())
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import pluggy
+
+PROJECT = "aird"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    """Prunes or quantizes a loaded model in place. ``name`` is what ``aird compress --method`` takes."""
+
+    name: str
+    description: str
+
+    def compress(self, lm: Any, params: dict, calibration: list[str]) -> dict: ...
+
+
+@runtime_checkable
+class Probe(Protocol):
+    """Turns activations of harmful and harmless prompts ([N, layers, positions, d]) into one candidate
+    direction per layer and position ([layers, positions, d])."""
+
+    name: str
+    description: str
+
+    def directions(self, harmful: Any, harmless: Any) -> Any: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Judges completions: True where the model refused."""
+
+    name: str
+    description: str
+
+    def refused(self, prompts: list[str], completions: list[str]) -> list[bool]: ...
+
+
+class Specs:
+    @hookspec
+    def aird_register_compressors(self, register: Callable[[Compressor], None]) -> None:
+        """Register compressor plugins by calling ``register(obj)`` for each."""
+
+    @hookspec
+    def aird_register_probes(self, register: Callable[[Probe], None]) -> None:
+        """Register probe plugins by calling ``register(obj)`` for each."""
+
+    @hookspec
+    def aird_register_scorers(self, register: Callable[[Scorer], None]) -> None:
+        """Register scorer plugins by calling ``register(obj)`` for each."""

