@@ -14,9 +14,7 @@ import tiny
 
 
 def cfg(data, **kw):
-    # the tiny model is a sharp two-way classifier: ablating its direction moves harmless outputs more than a
-    # chat model's, so its KL filter is looser than the reference's 0.1
-    base = dict(n_train=48, n_val=16, batch_size=16, data_dir=str(data), top_k=2, max_scored=6, kl_threshold=0.5)
+    base = dict(n_train=48, n_val=16, batch_size=16, data_dir=str(data), top_k=2, max_scored=6)
     base.update(kw)
     return ProbeConfig(**base)
 
@@ -38,7 +36,7 @@ def test_probe_finds_a_direction_that_mediates_refusal(refusing, refusing_lm, tm
     assert s["source"]["layer"] < int(0.8 * s["n_layers"])
     assert s["quality"]["bypass"] < 0 < s["baseline"]["harmful_refusal_score"]
     assert s["quality"]["induce"] > 0 > s["baseline"]["harmless_refusal_score"]
-    assert s["quality"]["kl"] < 0.5
+    assert s["quality"]["kl"] < 0.1
     # the saved direction really does it: ablating it stops refusals of harmful validation prompts
     summary, direction, _ = load_probe(tmp_path / "p")
     lm = refusing_lm
@@ -54,7 +52,8 @@ def test_best_first_and_exhaustive_choose_the_same_direction(refusing, refusing_
     _, data = refusing
     fast = run_probe(refusing_lm, cfg(data, top_k=1), tmp_path / "fast").summary
     full = run_probe(refusing_lm, cfg(data, exhaustive=True), tmp_path / "full").summary
-    assert full["n_scored"] == full["n_candidates"] > fast["n_scored"]
+    assert full["n_scored"] == full["n_candidates"] == 9
+    assert fast["n_scored"] <= 2  # the proxy puts the winner at or next to the top
     assert fast["source"] == full["source"]
     assert fast["quality"]["bypass"] == pytest.approx(full["quality"]["bypass"], abs=1e-5)
 

@@ -82,7 +82,7 @@ def random_model(model_type: str = "qwen2", layers: int = 4, tie: bool = False, 
     return model.eval(), tok
 
 
-def refusing_model(seed: int = 0, steps: int = 250, smoothing: float = 0.1):
+def refusing_model(seed: int = 0, steps: int = 400, smoothing: float = 0.05):
     """A 4-layer Qwen2 trained to start its reply with "I" on harmful and "Sure" on harmless instructions."""
     from transformers import AutoModelForCausalLM
 
@@ -134,4 +134,8 @@ def write_data_dir(root: Path, seed: int = 0) -> Path:
     for name, rows in (("harmful_train", harmful[:cut]), ("harmful_val", harmful[cut:]),
                        ("harmless_train", harmless[:cut]), ("harmless_val", harmless[cut:])):
         (splits / f"{name}.json").write_text(json.dumps([{"instruction": r, "category": None} for r in rows]))
+    (splits / "harmless_test.json").write_text(json.dumps([{"instruction": r, "category": None} for r in harmless]))
+    wiki = root / "wikitext2"
+    wiki.mkdir(exist_ok=True)
+    (wiki / "wikitext2_test_joined.txt").write_text(" ".join(harmless + harmful) + "\n")
     return root

@@ -164,6 +164,81 @@ def probe_cmd(
             emit([res.summary])
 
 
+# ---- compress ---------------------------------------------------------------------------------------------
+@app.command("compress")
+def compress_cmd(
+    model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="Same as --model."),
+    model: str = typer.Option("default", "--model", "-m", help="Named model, model folder, .gguf file, hub id, or -."),
+    method: str = typer.Option(..., "--method", help="Compressor plugin: magnitude, wanda, sparsegpt, rtn, gptq, awq, ..."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: runs/<model>-<method>]."),
+    sparsity: Optional[float] = typer.Option(None, help="Pruning: share of weights set to zero, in [0, 1)."),
+    pattern: Optional[str] = typer.Option(None, help="Pruning: N:M semi-structured (N non-zeros in every M), e.g. 2:4."),
+    bits: Optional[int] = typer.Option(None, help="Quantization: weight bits (4 or 8)."),
+    group_size: Optional[int] = typer.Option(None, help="Quantization: weights per scale along the input dimension."),
+    calib: str = typer.Option("harmless", help="Calibration data: harmless (chat-formatted instructions) or wikitext."),
+    calib_samples: int = typer.Option(64, help="Calibration samples."),
+    calib_seq_len: int = typer.Option(512, help="Maximum tokens per calibration sample."),
+    seed: int = typer.Option(42),
+    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR", help="Data directory."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads [default: all cores]."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    force: bool = typer.Option(False, "--force", help="Replace the model in --out."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Prune or quantize a model with a compressor plugin and write a model folder that loads like the
+    original, with compress.jsonl measuring the achieved sparsity and bits from the written weights."""
+    from aird.core.compress import CompressConfig, run_compress
+    from aird.core.env import set_threads
+    from aird.core.loading import load_model
+    from aird.core.plugins import get
+
+    with user_errors():
+        spec = model_arg or model
+        if spec == "-":
+            spec = read_ref_from_stdin()
+        get("compressor", method)  # an unknown method fails before the model loads
+        set_threads(threads)
+        given = {"sparsity": sparsity, "pattern": pattern, "bits": bits, "group_size": group_size}
+        cfg = CompressConfig(method=method, params={k: v for k, v in given.items() if v is not None}, calib=calib,
+                             calib_samples=calib_samples, calib_seq_len=calib_seq_len, seed=seed,
+                             data_dir=str(data_dir) if data_dir else None, device=device)
+        suffix = "-".join(str(v).replace(":", "of") for v in given.values() if v is not None)
+        out = out or Path("runs") / f"{_slug(spec)}-{method}{'-' + suffix if suffix else ''}"
+        with console.status(f"loading {spec}"):
+            lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        res = run_compress(lm, cfg, out, force=force, reporter=RichReporter())
+        render_compress(res.summary, res.resumed)
+        if wants_json(json_out):
+            emit([res.summary])
+
+
+def render_compress(s: dict, resumed: bool) -> None:
+    if resumed:
+        console.print(f"[yellow]{s['out']} already holds this compressed model; showing it (use --force to redo).",
+                      soft_wrap=True)
+    quant = s.get("bits") is not None
+    cols = ["layer", "sparsity", "rel. error"] + (["max distinct/group"] if quant else [])
+    rows = []
+    for r in s["per_layer"]:
+        row = [r["layer"], r["sparsity"], r["rel_error"]]
+        if quant:
+            row.append(max(m.get("max_distinct", 0) for m in r["matrices"].values()))
+        rows.append(row)
+    console.print(table(f"{s['method']} {s['params']}", cols, rows))
+    extra = []
+    if s.get("bits") is not None:
+        extra.append(f"bits {s['bits']} (at most {s['max_distinct_per_group']} distinct values per group)")
+    if s.get("nm_compliant") is not None:
+        extra.append(f"N:M pattern {'respected' if s['nm_compliant'] else '[red]VIOLATED[/]'}")
+    console.print(
+        f"[bold]{s['method']}[/]: achieved sparsity {s['sparsity']:.4f} over {s['n_weights']:,} decoder linear weights"
+        + "".join("; " + e for e in extra) +
+        f"\n  {s['seconds']:.0f}s compressing, peak RSS {s['peak_rss_mb']:.0f} MB; model folder: {s['out']}",
+        highlight=False, soft_wrap=True)
+
+
 def render_probe(summary: dict, candidates: list[dict], resumed: bool) -> None:
     if resumed:
         console.print(f"[yellow]{summary['out']} already holds a finished probe; showing it (use --force to redo).", soft_wrap=True)

@@ -54,7 +54,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize ``gguf`` with transformers and write a float32 safetensors folder at ``out`` (atomically)."""
     if (out / "config.json").is_file():
         return out
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -62,21 +61,34 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise ModelNotFound(f"transformers could not read the GGUF file {gguf}: {str(exc).splitlines()[0]}") from None
+    save_model_folder(model, tok, out, provenance={"gguf": str(gguf)})
+    return out
+
+
+def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = None,
+                      tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a plain model folder that transformers loads: one safetensors file, config.json without any
+    quantization_config, generation config, tokenizer. Written into a temporary folder that is renamed into
+    place, so a killed run never leaves half a model. ``tensors`` replaces the model's own state dict."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sd = model.state_dict()
+    sd = tensors if tensors is not None else model.state_dict()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    tensors = {k: v.detach().contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+    save_file(clean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
-    cfg["torch_dtype"] = cfg["dtype"] = "float32"
+    dtype = str(next(iter(clean.values())).dtype).replace("torch.", "")
+    cfg["torch_dtype"] = cfg["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / "aird-source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "aird-source.json").write_text(json.dumps(provenance or {}, default=str) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

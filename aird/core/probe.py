@@ -310,7 +310,13 @@ def run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False,
                     continue
                 layer, pos = c
                 t = time.perf_counter()
-                s = score_candidate(lm, val, directions[layer, pidx[pos]], layer, progress=advance)
+                vec = directions[layer, pidx[pos]]
+                if vec.norm() <= 1e-6 * directions.norm(dim=-1).max():
+                    # the same tokens on both sides (e.g. template tokens at layer 0): no direction to score
+                    s = Scores(math.nan, math.nan, math.nan)
+                    advance(per_candidate)
+                else:
+                    s = score_candidate(lm, val, vec, layer, progress=advance)
                 rec = run.record(
                     "probe.candidate", layer=layer, position=pos,
                     bypass=_finite(s.bypass), induce=_finite(s.induce), kl=_finite(s.kl),

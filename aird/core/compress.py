@@ -1,0 +1,218 @@
+"""`aird compress`: run a compressor plugin on a model and write a model folder every other subcommand loads.
+
+The plugin changes the model's weights in place (pruned or quantize-dequantized values in the torch dtype);
+the core validates the options, builds the calibration set, writes the folder, and measures what was
+achieved from the written weights: sparsity, N:M compliance, bits (distinct values per group), error.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from aird.core import plugins
+from aird.core.artifacts import Run, Stopwatch, check_resumable, read_jsonl, write_jsonl
+from aird.core.data import load_set, sample
+from aird.core.env import default_data_dir
+from aird.core.errors import AirdError
+from aird.core.loading import LoadedModel, save_model_folder
+from aird.core.measure import decoder_linear_weights, summarize
+from aird.core.progress import Reporter
+
+COMPRESS_JSONL = "compress.jsonl"
+NON_SEMANTIC = ("device", "data_dir", "threads")
+
+
+@dataclass
+class Calibration:
+    """Calibration inputs: token ids per sample (no padding), and the texts they came from."""
+
+    texts: list[str]
+    input_ids: list[list[int]]
+    source: str
+
+    def dataset(self):
+        """The samples as a `datasets.Dataset` with input_ids/attention_mask (what llm-compressor takes)."""
+        from datasets import Dataset
+
+        return Dataset.from_dict({"input_ids": self.input_ids, "attention_mask": [[1] * len(x) for x in self.input_ids]})
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(map(len, self.input_ids))
+
+
+@dataclass
+class CompressConfig:
+    method: str
+    params: dict = field(default_factory=dict)   # only what the user gave; defaults come from the plugin
+    calib: str = "harmless"                      # harmless | wikitext
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    seed: int = 42
+    data_dir: str | None = None
+    device: str | None = None
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """'N:M' = at most N non-zeros in every M consecutive weights along the input dimension (2:4 = 50%)."""
+    if pattern in (None, "", "unstructured"):
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise AirdError(f"pattern {pattern!r} is not of the form N:M (e.g. 2:4).") from None
+    if not 0 < n < m:
+        raise AirdError(f"pattern {pattern}: N must be at least 1 and smaller than M.")
+    return n, m
+
+
+def resolve_params(plugin, given: dict, lm: LoadedModel) -> dict:
+    """Fill the plugin's defaults, refuse options it does not take, validate the values against the model."""
+    accepted = dict(getattr(plugin, "params", {}))
+    unknown = sorted(k for k, v in given.items() if v is not None and k not in accepted)
+    if unknown:
+        takes = ", ".join("--" + k.replace("_", "-") for k in accepted) or "no options"
+        raise AirdError(f"method {plugin.name} does not take {', '.join('--' + k.replace('_', '-') for k in unknown)}; it takes {takes}.")
+    params = {**accepted, **{k: v for k, v in given.items() if v is not None}}
+    nm = parse_pattern(params.get("pattern")) if "pattern" in params else None
+    if "sparsity" in params:
+        if nm is not None:
+            implied = 1 - nm[0] / nm[1]
+            if given.get("sparsity") is not None and abs(given["sparsity"] - implied) > 1e-9:
+                raise AirdError(f"pattern {params['pattern']} means sparsity {implied:g}; drop --sparsity or make it match.")
+            params["sparsity"] = implied
+        s = params["sparsity"]
+        if not isinstance(s, (int, float)) or not 0 <= s < 1:
+            raise AirdError(f"sparsity must be in [0, 1), got {s}.")
+    if "bits" in params:
+        allowed = getattr(plugin, "bits_allowed", (2, 3, 4, 8))
+        if params["bits"] not in allowed:
+            raise AirdError(f"method {plugin.name} quantizes to {', '.join(map(str, allowed))} bits, not {params['bits']}.")
+    if params.get("group_size") is not None:
+        g = params["group_size"]
+        if g <= 0:
+            raise AirdError("group size must be positive.")
+        dims = sorted({mod.in_features for layer in lm.adapter.layers(lm.model)
+                       for mod in layer.modules() if isinstance(mod, torch.nn.Linear)})
+        bad = [d for d in dims if d % g]
+        if bad:
+            raise AirdError(f"group size {g} does not divide the input dimension {bad[0]} of the model's linear layers.")
+    if nm is not None:
+        dims = sorted({mod.in_features for layer in lm.adapter.layers(lm.model)
+                       for mod in layer.modules() if isinstance(mod, torch.nn.Linear)})
+        bad = [d for d in dims if d % nm[1]]
+        if bad:
+            raise AirdError(f"pattern {params['pattern']}: M={nm[1]} does not divide the input dimension {bad[0]}.")
+    return params
+
+
+def calibration_set(lm: LoadedModel, cfg: CompressConfig) -> Calibration:
+    """Seeded calibration samples: chat-formatted harmless instructions (the reference harmless test split,
+    disjoint from the probe's train/val prompts) or consecutive chunks of WikiText-2 test."""
+    tok = lm.tokenizer
+    if cfg.calib == "harmless":
+        prompts = sample(load_set("harmless_test", cfg.data_dir), cfg.calib_samples, cfg.seed)
+        texts = [lm.adapter.format(tok, p.instruction) for p in prompts]
+        ids = [tok(t, add_special_tokens=False)["input_ids"][: cfg.calib_seq_len] for t in texts]
+        return Calibration(texts, ids, "harmless_test")
+    if cfg.calib == "wikitext":
+        root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+        path = root / "wikitext2" / "wikitext2_test_joined.txt" if root else None
+        if path is None or not path.is_file():
+            raise AirdError(f"WikiText-2 not found (looked at {path or 'no data directory'}).")
+        all_ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        L = cfg.calib_seq_len
+        starts = list(range(0, len(all_ids) - L, L))
+        g = torch.Generator().manual_seed(cfg.seed)
+        pick = [starts[i] for i in torch.randperm(len(starts), generator=g)[: cfg.calib_samples].tolist()]
+        ids = [all_ids[s : s + L] for s in pick]
+        return Calibration([tok.decode(x) for x in ids], ids, "wikitext2_test")
+    raise AirdError(f"unknown calibration set {cfg.calib!r}; use harmless or wikitext.")
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    summary: dict
+    resumed: bool = False
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = False,
+                 reporter: Reporter | None = None) -> CompressResult:
+    rep = reporter or Reporter()
+    plugin = plugins.get("compressor", cfg.method)
+    params = resolve_params(plugin, cfg.params, lm)
+    if cfg.calib_samples < 1 or cfg.calib_seq_len < 8:
+        raise AirdError("--calib-samples must be at least 1 and --calib-seq-len at least 8.")
+    out = Path(out)
+    jsonl = out / COMPRESS_JSONL
+    config = {"model_path": lm.path, **asdict(cfg), "params": params}
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not jsonl.exists()
+                         and not (out / "config.json").exists()):
+        raise AirdError(f"{out} exists and is not a model folder; aird will not replace it, choose another --out.")
+    if jsonl.exists() and not force:
+        records = read_jsonl(jsonl)
+        check_resumable(records, config, jsonl, ignore=NON_SEMANTIC)
+        done = next((r for r in records if r["record"] == "compress.summary"), None)
+        if done is not None and (out / "config.json").is_file():
+            return CompressResult(out, done, resumed=True)
+    elif (out / "config.json").exists() and not force:
+        raise AirdError(f"{out} already holds a model; use --force to replace it or choose another --out.")
+
+    run = Run("compress", lm.spec, config, cfg.seed)
+    sw = Stopwatch(run.timings)
+    original = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
+    keys = list(lm.model.state_dict().keys())
+    with sw("calibration_data"):
+        calib = calibration_set(lm, cfg) if getattr(plugin, "needs_calibration", True) else None
+    t = time.perf_counter()
+    with sw("compress"), rep.stage(f"compressing with {plugin.name}", 1) as advance:
+        info = plugin.compress(lm, params, calib) or {}
+        advance(1)
+    seconds = time.perf_counter() - t
+    with sw("save"):
+        sd = lm.model.state_dict()
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise AirdError(f"compressor {plugin.name} removed weights ({missing[0]}, ...); it must edit them in place.")
+        tensors = {k: sd[k] for k in keys}
+        save_model_folder(lm.model, lm.tokenizer, out, provenance={"compressed_from": lm.path, "method": plugin.name},
+                          tensors=tensors)
+    with sw("measure"):
+        from safetensors.torch import load_file
+
+        written = load_file(str(out / "model.safetensors"))
+        nm = parse_pattern(params.get("pattern")) if params.get("pattern") else None
+        stats = summarize(written, original, group_size=params.get("group_size"), nm=nm, bits=params.get("bits"))
+    summary = run.record(
+        "compress.summary",
+        method=plugin.name,
+        kind=getattr(plugin, "kind", None),
+        params=params,
+        sparsity=stats["sparsity"],
+        n_weights=stats["n_weights"],
+        bits=stats.get("bits"),
+        max_distinct_per_group=stats.get("max_distinct_per_group"),
+        nm_compliant=stats.get("nm_compliant"),
+        other_sparsity=stats["other_sparsity"],
+        per_layer=stats["per_layer"],
+        calibration=None if calib is None else {"source": calib.source, "samples": len(calib.input_ids),
+                                                "tokens": calib.n_tokens},
+        info=info,
+        seconds=round(seconds, 3),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        timings=dict(run.timings),
+        out=str(out),
+        path=str(out),
+    )
+    write_jsonl(jsonl, [summary])
+    return CompressResult(out, summary)

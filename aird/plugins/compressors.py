@@ -1,0 +1,231 @@
+"""Built-in compressor plugins: pruning (magnitude, Wanda, SparseGPT) and quantization (RTN, GPTQ, AWQ).
+
+Wanda, SparseGPT, GPTQ, AWQ and the RTN scales come from vllm-project's llm-compressor (`oneshot`). Written by
+hand, with the reason:
+- magnitude pruning: llm-compressor's MagnitudePruningModifier is a training-time schedule (init/final
+  sparsity over optimizer steps); run through `oneshot` on llmcompressor 0.14.0.1 it left every weight as it
+  was (tried: achieved sparsity 0.0), so aird zeroes the smallest weights itself;
+- turning quantized weights into plain float weights: after `oneshot` with RTN the weights are still the
+  originals (the fake quantization lives in a forward wrapper, with weight_scale/weight_zero_point beside
+  them); aird applies compressed-tensors' own `fake_quantize` with those scales so the saved folder holds the
+  quantize-dequantized values and loads anywhere, with no low-bit kernel (none is faster on a CPU);
+- AWQ on a machine without an accelerator: llm-compressor pins intermediate tensors to page-locked memory,
+  which raises "Cannot access accelerator device when none is available"; the pinning is skipped there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import io
+import os
+import sys
+
+import torch
+
+from aird.core.hookspecs import hookimpl
+
+LM_HEAD = "re:.*lm_head"
+
+
+def _library() -> str:
+    try:
+        return f"llmcompressor {md.version('llmcompressor')}"
+    except md.PackageNotFoundError:
+        return "llmcompressor (not installed)"
+
+
+def _require_llmcompressor(method: str):
+    try:
+        import llmcompressor  # noqa: F401
+        from llmcompressor.logger import LoggerConfig, configure_logger
+    except ImportError:
+        from aird.core.errors import AirdError
+
+        raise AirdError(f"method {method} needs llm-compressor: pip install 'aird[compress]'.") from None
+    # llm-compressor logs to stdout, where aird writes JSONL for pipelines: keep its warnings, on stderr
+    configure_logger(LoggerConfig(console_log_level=None))
+    from loguru import logger
+
+    logger.add(sys.stderr, level=os.environ.get("LLM_COMPRESSOR_LOG_LEVEL", "WARNING").upper(),
+               format="{time:HH:mm:ss} | llmcompressor | {level} - {message}")
+
+
+def _decoder_linears(lm):
+    for i, layer in enumerate(lm.adapter.layers(lm.model)):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                yield i, name, mod
+
+
+def _oneshot(lm, recipe, calibration=None, pipeline: str | None = None) -> None:
+    from llmcompressor import oneshot
+
+    kwargs = {}
+    if calibration is not None:
+        kwargs.update(dataset=calibration.dataset(), num_calibration_samples=len(calibration.input_ids),
+                      max_seq_length=max(map(len, calibration.input_ids)), shuffle_calibration_samples=False)
+    if pipeline:
+        kwargs["pipeline"] = pipeline
+    # llm-compressor logs at length to stdout; keep stdout for aird's JSONL
+    with contextlib.redirect_stdout(io.StringIO()):
+        oneshot(model=lm.model, tokenizer=lm.tokenizer, recipe=recipe, output_dir=None, **kwargs)
+
+
+def _scheme(bits: int, group_size: int | None):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True,
+                            strategy="group" if group_size else "channel", group_size=group_size)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
+
+
+@torch.no_grad()
+def _materialize(lm) -> int:
+    """Replace each quantized Linear's weight by its quantize-dequantized value (idempotent for GPTQ/AWQ,
+    whose weights already sit on the grid). Returns how many matrices were quantized."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    n = 0
+    for _, _, mod in _decoder_linears(lm):
+        scheme = getattr(mod, "quantization_scheme", None)
+        scale = getattr(mod, "weight_scale", None)
+        if scheme is None or scale is None or scheme.weights is None:
+            continue
+        zp = getattr(mod, "weight_zero_point", None)
+        q = fake_quantize(mod.weight.data, scale, zp, scheme.weights)
+        mod.weight.data.copy_(q.to(mod.weight.dtype))
+        n += 1
+    return n
+
+
+class Magnitude:
+    name = "magnitude"
+    kind = "pruning"
+    description = "zero the smallest-magnitude weights of every linear layer (unstructured or N:M)"
+    params = {"sparsity": 0.5, "pattern": None}
+    needs_calibration = False
+
+    @torch.no_grad()
+    def compress(self, lm, params, calibration):
+        from aird.core.compress import parse_pattern
+
+        nm = parse_pattern(params.get("pattern"))
+        for _, _, mod in _decoder_linears(lm):
+            w = mod.weight.data
+            if nm is not None:
+                n, m = nm
+                groups = w.reshape(w.shape[0], -1, m)
+                drop = groups.abs().topk(m - n, dim=-1, largest=False).indices
+                groups.scatter_(-1, drop, 0.0)
+            else:
+                k = int(round(params["sparsity"] * w.numel()))
+                if k:
+                    idx = w.abs().flatten().topk(k, largest=False).indices
+                    w.view(-1)[idx] = 0.0
+        return {"library": "aird (hand-written: see aird/plugins/compressors.py)", "scope": "per matrix"}
+
+
+class _LLMCPruner:
+    kind = "pruning"
+    params = {"sparsity": 0.5, "pattern": None}
+    modifier = ""
+
+    def compress(self, lm, params, calibration):
+        _require_llmcompressor(self.name)
+        from aird.core.compress import parse_pattern
+        from llmcompressor.modifiers import pruning
+
+        nm = parse_pattern(params.get("pattern"))
+        # llm-compressor's "N:M" prunes N of every M weights; aird's N:M keeps N of every M
+        structure = f"{nm[1] - nm[0]}:{nm[1]}" if nm else "0:0"  # "0:0" is its unstructured
+        mod = getattr(pruning, self.modifier)(sparsity=params["sparsity"], mask_structure=structure,
+                                              targets=["Linear"], ignore=[LM_HEAD])
+        _oneshot(lm, mod, calibration, pipeline="sequential")
+        return {"library": _library(), "recipe": f"{self.modifier}(sparsity={params['sparsity']}, mask_structure={structure!r})"}
+
+
+class Wanda(_LLMCPruner):
+    name = "wanda"
+    description = "Wanda: prune by |weight| × input activation norm (llm-compressor)"
+    modifier = "WandaPruningModifier"
+
+
+class SparseGPT(_LLMCPruner):
+    name = "sparsegpt"
+    description = "SparseGPT: second-order pruning with weight reconstruction (llm-compressor)"
+    modifier = "SparseGPTModifier"
+
+
+class _LLMCQuantizer:
+    kind = "quantization"
+    bits_allowed = (4, 8)
+
+    def _modifier(self, params):
+        raise NotImplementedError
+
+    def compress(self, lm, params, calibration):
+        _require_llmcompressor(self.name)
+        mod = self._modifier(params)
+        _oneshot(lm, mod, calibration, pipeline=getattr(self, "pipeline", None))
+        n = _materialize(lm)
+        names = "+".join(type(m).__name__ for m in (mod if isinstance(mod, list) else [mod]))
+        return {"library": _library(), "recipe": f"{names}(int{params['bits']}, group_size={params['group_size']})",
+                "quantized_matrices": n, "format": "quantize-dequantized weights in the torch dtype"}
+
+
+class RTN(_LLMCQuantizer):
+    name = "rtn"
+    description = "round-to-nearest weight-only int8/int4, symmetric, per channel or per group"
+    params = {"bits": 8, "group_size": None}
+    needs_calibration = False
+
+    def _modifier(self, params):
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        return QuantizationModifier(config_groups=_scheme(params["bits"], params["group_size"]), ignore=[LM_HEAD])
+
+
+class GPTQ(_LLMCQuantizer):
+    name = "gptq"
+    description = "GPTQ weight-only quantization with error compensation (llm-compressor)"
+    params = {"bits": 4, "group_size": 128}
+    pipeline = "sequential"
+
+    def _modifier(self, params):
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        return GPTQModifier(config_groups=_scheme(params["bits"], params["group_size"]), ignore=[LM_HEAD])
+
+
+class AWQ(_LLMCQuantizer):
+    name = "awq"
+    description = "AWQ activation-aware weight-only quantization (llm-compressor; slow on a CPU)"
+    params = {"bits": 4, "group_size": 128}
+    pipeline = "sequential"
+
+    def _modifier(self, params):
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        # AWQ smooths (per-channel scales searched on calibration data), then the weights are quantized
+        return [AWQModifier(), QuantizationModifier(config_groups=_scheme(params["bits"], params["group_size"]),
+                                                    ignore=[LM_HEAD])]
+
+    def compress(self, lm, params, calibration):
+        _require_llmcompressor(self.name)
+        from llmcompressor.pipelines import cache
+
+        original = cache.IntermediatesCache.pin_memory
+        if not torch.cuda.is_available():
+            cache.IntermediatesCache.pin_memory = lambda self, *a, **k: None
+        try:
+            return super().compress(lm, params, calibration)
+        finally:
+            cache.IntermediatesCache.pin_memory = original
+
+
+@hookimpl
+def aird_register_compressors(register):
+    for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, AWQ):
+        register(cls())

@@ -1,0 +1,125 @@
+"""Compressor plugins on a tiny Qwen2 (hidden 64, intermediate 128): achieved sparsity, N:M, distinct values
+per group, and the written folder reloading like the original."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from aird.core.compress import CompressConfig, run_compress
+from aird.core.errors import AirdError
+from aird.core.loading import load_model
+from aird.core.measure import decoder_linear_weights, max_distinct_per_group, nm_compliant
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    model, tok = tiny.random_model("qwen2", layers=2, tie=True)
+    root = tmp_path_factory.mktemp("tinyc")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root / "model", tiny.write_data_dir(root / "data")
+
+
+def compress(tiny_folder, tmp_path, method, **params):
+    folder, data = tiny_folder
+    lm = load_model(str(folder), device="cpu")
+    cfg = CompressConfig(method=method, params=params, data_dir=str(data), calib_samples=8, calib_seq_len=64)
+    res = run_compress(lm, cfg, tmp_path / method)
+    return res.summary, load_file(str(tmp_path / method / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_unstructured_pruning_hits_the_sparsity(tiny_folder, tmp_path, method):
+    s, written = compress(tiny_folder, tmp_path, method, sparsity=0.5)
+    assert s["sparsity"] == pytest.approx(0.5, abs=0.01)
+    w = decoder_linear_weights(written)
+    measured = sum(int((v == 0).sum()) for v in w.values()) / sum(v.numel() for v in w.values())
+    assert measured == pytest.approx(s["sparsity"])
+    # embeddings (tied with lm_head here) stay dense: only the padding row is zero
+    assert s["other_sparsity"]["model.embed_tokens.weight"] < 0.02
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=0.02) for r in s["per_layer"])
+
+
+@pytest.mark.parametrize("method,pattern", [("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"),
+                                            ("sparsegpt", "4:8")])
+def test_nm_pattern_exact(tiny_folder, tmp_path, method, pattern):
+    s, written = compress(tiny_folder, tmp_path, method, pattern=pattern)
+    n, m = map(int, pattern.split(":"))
+    assert s["nm_compliant"] is True and s["params"]["sparsity"] == pytest.approx(1 - n / m)
+    for name, w in decoder_linear_weights(written).items():
+        zeros = (w.reshape(w.shape[0], -1, m) == 0).sum(-1)
+        assert (zeros == m - n).all(), name   # exactly M-N zeros in every group along the input dimension
+
+
+@pytest.mark.parametrize("method,bits,group", [("rtn", 8, None), ("rtn", 4, 32), ("gptq", 4, 32), ("awq", 4, 32)])
+def test_quantizers_write_at_most_2_pow_bits_values_per_group(tiny_folder, tmp_path, method, bits, group):
+    s, written = compress(tiny_folder, tmp_path, method, bits=bits, group_size=group)
+    assert s["bits"] <= bits and s["max_distinct_per_group"] <= 2 ** bits
+    for name, w in decoder_linear_weights(written).items():
+        assert max_distinct_per_group(w, group) <= 2 ** bits, name
+    errs = [r["rel_error"] for r in s["per_layer"]]
+    assert all(0 < e < (0.05 if bits == 8 else 0.3) for e in errs), errs
+    assert s["sparsity"] < 0.2
+
+
+def test_written_folder_loads_like_the_original(tiny_folder, tmp_path):
+    s, _ = compress(tiny_folder, tmp_path, "rtn", bits=8)
+    lm = load_model(s["out"], device="cpu")
+    orig = load_model(str(tiny_folder[0]), device="cpu")
+    x = torch.randint(8, 60, (2, 7))
+    with torch.no_grad():
+        a, b = lm.model(input_ids=x).logits, orig.model(input_ids=x).logits
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1)
+    cfg = json.loads((tmp_path / "rtn" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    recs = [json.loads(line) for line in (tmp_path / "rtn" / "compress.jsonl").read_text().splitlines()]
+    assert recs[-1]["record"] == "compress.summary" and recs[-1]["schema"] == 1 and recs[-1]["seconds"] >= 0
+    assert recs[-1]["peak_rss_mb"] > 0 and recs[-1]["per_layer"][0]["layer"] == 0
+
+
+def test_rerun_resumes_and_other_params_need_force(tiny_folder, tmp_path):
+    folder, data = tiny_folder
+    lm = load_model(str(folder), device="cpu")
+    cfg = CompressConfig(method="magnitude", params={"sparsity": 0.3}, data_dir=str(data))
+    run_compress(lm, cfg, tmp_path / "m")
+    assert run_compress(lm, cfg, tmp_path / "m").resumed
+    other = CompressConfig(method="magnitude", params={"sparsity": 0.6}, data_dir=str(data))
+    with pytest.raises(AirdError, match="different configuration"):
+        run_compress(lm, other, tmp_path / "m")
+    assert run_compress(lm, other, tmp_path / "m", force=True).summary["sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
+    ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\)"),
+    ({"pattern": "4:4"}, "N must be at least 1 and smaller than M"),
+    ({"pattern": "two:four"}, "not of the form N:M"),
+    ({"pattern": "2:4", "sparsity": 0.3}, "means sparsity 0.5"),
+    ({"bits": 4}, "does not take --bits"),
+])
+def test_bad_pruning_options(tiny_folder, tmp_path, params, match):
+    folder, data = tiny_folder
+    lm = load_model(str(folder), device="cpu")
+    with pytest.raises(AirdError, match=match):
+        run_compress(lm, CompressConfig(method="magnitude", params=params, data_dir=str(data)), tmp_path / "x")
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"bits": 4, "group_size": 48}, "group size 48 does not divide"),
+    ({"bits": 3}, "quantizes to 4, 8 bits"),
+    ({"sparsity": 0.5}, "does not take --sparsity"),
+])
+def test_bad_quantization_options(tiny_folder, tmp_path, params, match):
+    folder, data = tiny_folder
+    lm = load_model(str(folder), device="cpu")
+    with pytest.raises(AirdError, match=match):
+        run_compress(lm, CompressConfig(method="rtn", params=params, data_dir=str(data)), tmp_path / "x")
+
+
+def test_nm_helpers():
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
+    assert nm_compliant(w, 2, 4) and not nm_compliant(w, 1, 4)
+    assert max_distinct_per_group(torch.tensor([[1.0, 1.0, 2.0, 3.0]]), 2) == 2

@@ -1,0 +1,65 @@
+"""Slow checks on the real default model (Qwen2.5-Coder-0.5B-Instruct from the package index).
+
+They run in CI; `pytest -m "not slow"` leaves them out for a quick loop."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_probe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe-default")
+    res = subprocess.run([sys.executable, "-m", "aird", "probe", "--model", "default", "--out", str(out), "--json"],
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_default_probe_summary(default_probe):
+    out, summary = default_probe
+    assert summary["n_layers"] == 24 and summary["positions"] == [-5, -4, -3, -2, -1]
+    assert summary["source"]["layer"] < int(0.8 * 24)
+    assert summary["train"]["harmful"]["kept"] >= 10 and summary["val_kept"]["harmful"] >= 1
+    assert (out / "probe.png").stat().st_size > 10_000
+
+
+def test_default_direction_mediates_refusal(default_probe):
+    """Recomputed with plain hooks on full forward passes (not the cached shortcut the selection uses):
+    ablating the chosen direction takes harmful prompts below 0, adding it takes harmless ones above 0."""
+    from aird.core import hooks
+    from aird.core.data import load_set, sample
+    from aird.core.directions import refusal_scores
+    from aird.core.forward import last_logits, make_batches
+    from aird.core.loading import load_model
+    from aird.core.probe import load_probe
+
+    out, _ = default_probe
+    summary, direction, _ = load_probe(out)
+    lm = load_model("default", device="cpu")
+    ids = lm.adapter.refusal_token_ids(lm.tokenizer)
+    cfg = summary["config"]
+
+    def batches(name):
+        prompts = sample(load_set(name), cfg["n_val"], cfg["seed"])
+        return make_batches(lm, [lm.adapter.format(lm.tokenizer, p.instruction) for p in prompts], 16)
+
+    harmful, harmless = batches("harmful_val"), batches("harmless_val")
+    base_h = refusal_scores(last_logits(lm, harmful), ids)
+    base_b = refusal_scores(last_logits(lm, harmless), ids)
+    kept_h, kept_b = base_h > 0, base_b < 0          # the reference's filter, as the probe applied it
+    with hooks.ablate(lm, direction):
+        abl = refusal_scores(last_logits(lm, harmful), ids)
+    with hooks.add(lm, direction, summary["source"]["layer"]):
+        add = refusal_scores(last_logits(lm, harmless), ids)
+    assert abl[kept_h].mean() < 0 < base_h[kept_h].mean()
+    assert add[kept_b].mean() > 0 > base_b[kept_b].mean()
+    # the numbers agree with what the probe recorded
+    assert abl[kept_h].mean().item() == pytest.approx(summary["quality"]["bypass"], abs=0.05)
+    assert add[kept_b].mean().item() == pytest.approx(summary["quality"]["induce"], abs=0.05)
+    assert torch.isfinite(direction).all()
