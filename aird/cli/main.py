@@ -239,6 +239,120 @@ def render_compress(s: dict, resumed: bool) -> None:
         highlight=False, soft_wrap=True)
 
 
+# ---- diff -------------------------------------------------------------------------------------------------
+@app.command("diff")
+def diff_cmd(
+    original: Path = typer.Argument(..., help="Probe folder of the original model."),
+    compressed: str = typer.Argument(..., help="Probe folder of the compressed model, or - to read it from stdin."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: COMPRESSED/diff]."),
+    score: bool = typer.Option(True, "--score/--no-score",
+                               help="Also score the original direction inside the compressed model (loads it)."),
+    device: str = typer.Option("auto"),
+    threads: Optional[int] = typer.Option(None),
+    force: bool = typer.Option(False, "--force"),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """How compression moved the refusal direction: cosine by layer and position, source, quality."""
+    from aird.core.diff import open_probe, run_diff
+    from aird.core.env import set_threads
+    from aird.core.loading import load_model
+
+    with user_errors():
+        comp = Path(read_ref_from_stdin() if compressed == "-" else compressed)
+        set_threads(threads)
+        lm = None
+        if score:
+            path = open_probe(comp).summary["config"]["model_path"]
+            with console.status(f"loading {path}"):
+                lm = load_model(path, device=device)
+        s = run_diff(original, comp, out, lm=lm, force=force, reporter=RichReporter())
+        render_diff(s)
+        if wants_json(json_out):
+            emit([s])
+
+
+def render_diff(s: dict) -> None:
+    q = s["quality"]
+    rows = [("original", q["original"]), ("compressed", q["compressed"])]
+    if q.get("original_in_compressed"):
+        rows.append(("original direction in compressed model", q["original_in_compressed"]))
+    console.print(table("quality of the chosen directions", ["direction", "bypass", "induce", "kl"],
+                        [(n, v["bypass"], v["induce"], v["kl"]) for n, v in rows]))
+    console.print(table("cosine(original, compressed) at the original source position, by layer",
+                        ["layer", "cosine"], list(enumerate(s["cosine_by_layer"]))))
+    src = s["source"]
+    console.print(
+        f"[bold]chosen directions[/]: cosine {s['cosine_chosen']:.3f}; source original layer "
+        f"{src['original']['layer']} pos {src['original']['position']}, compressed layer {src['compressed']['layer']} "
+        f"pos {src['compressed']['position']} ({'[red]moved[/]' if src['moved'] else 'unchanged'}); "
+        f"heatmap: {s['out']}/diff.png", highlight=False, soft_wrap=True)
+
+
+# ---- repair -----------------------------------------------------------------------------------------------
+@app.command("repair")
+def repair_cmd(
+    compressed: str = typer.Argument(..., help="The compressed model folder (or - to read it from stdin)."),
+    reference: Path = typer.Option(..., "--reference", "-r", help="Probe folder of the ORIGINAL model."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: COMPRESSED-aird]."),
+    method: str = typer.Option("aird", help="Repair plugin: aird (dense rank-one) or aird-sparse (keeps sparsity)."),
+    layer: str = typer.Option("default", help="Layer to edit: a number, auto, or default (the one below the source)."),
+    matrix: str = typer.Option("both", help="attn (o_proj), mlp (down_proj) or both."),
+    alpha: str = typer.Option("auto", help="Edit strength, or auto (smallest that restores the refusal rate)."),
+    compressed_probe: Optional[Path] = typer.Option(None, help="Probe folder of the compressed model (its source layer)."),
+    guard: float = typer.Option(0.02, help="Allowed rise of the harmless refusal rate."),
+    batch_size: int = typer.Option(16),
+    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR"),
+    device: str = typer.Option("auto"),
+    threads: Optional[int] = typer.Option(None),
+    force: bool = typer.Option(False, "--force"),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """AIRD: re-induce the original model's refusal direction in a compressed model by a rank-one edit of one
+    residual-writing matrix of one layer."""
+    from aird.core.env import set_threads
+    from aird.core.loading import load_model
+    from aird.core.plugins import get
+    from aird.core.repair import RepairConfig, run_repair
+
+    with user_errors():
+        spec = read_ref_from_stdin() if compressed == "-" else compressed
+        get("repair", method)
+        set_threads(threads)
+        lay = None if layer == "default" else (layer if layer == "auto" else _int(layer, "--layer"))
+        cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard,
+                           compressed_probe=str(compressed_probe) if compressed_probe else None,
+                           batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
+        cfg.matrices()
+        out = out or Path(f"{spec.rstrip('/')}-{method}")
+        with console.status(f"loading {spec}"):
+            lm = load_model(spec, device=device)
+        s = run_repair(lm, reference, cfg, out, force=force, reporter=RichReporter())
+        render_repair(s)
+        if wants_json(json_out):
+            emit([s])
+
+
+def _int(value: str, option: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise AirdError(f"{option} must be a whole number, auto or default, not {value!r}.") from None
+
+
+def render_repair(s: dict) -> None:
+    v = s["validation"]
+    rows = [("original", v["original"]), ("compressed", v["compressed"]), ("repaired", v["repaired"])]
+    console.print(table("refusal rates on the validation prompts (refusal score > 0)",
+                        ["model", "harmful refused", "harmless refused"],
+                        [(n, r["harmful_refusal_rate"], r["harmless_refusal_rate"]) for n, r in rows]))
+    console.print(
+        f"[bold]{s['method']}[/]: layer {s['layer']} ({s['matrix']}), α {s['alpha']}"
+        f"{'' if v['target_reached'] else ' [red](target not reached)[/]'}; layer sparsity "
+        f"{s['layer_sparsity']['before']:.4f} → {s['layer_sparsity']['after']:.4f}, model sparsity "
+        f"{s['sparsity']['before']:.4f} → {s['sparsity']['after']:.4f}; model folder: {s['out']}",
+        highlight=False, soft_wrap=True)
+
+
 def render_probe(summary: dict, candidates: list[dict], resumed: bool) -> None:
     if resumed:
         console.print(f"[yellow]{summary['out']} already holds a finished probe; showing it (use --force to redo).", soft_wrap=True)

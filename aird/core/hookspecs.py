@@ -1,4 +1,4 @@
-"""pluggy hook specifications: the three plugin kinds a package can add to aird.
+"""pluggy hook specifications: the plugin kinds a package can add to aird (compressor, probe, scorer, repair).
 
 A plugin is a module (or object) listed under the ``aird`` entry-point group that implements one or more of
 these hooks; aird's own compressors, probes and scorers are registered exactly the same way.
@@ -52,6 +52,21 @@ class Scorer(Protocol):
     def refused(self, prompts: list[str], completions: list[str]) -> list[bool]: ...
 
 
+@runtime_checkable
+class Repair(Protocol):
+    """Edits one residual-writing matrix W ([d_model, d_in]) so that it writes more along the unit direction
+    r̂ ([d_model]); ``alpha`` is the strength. Returns the new matrix.
+
+    Repairs are their own plugin kind rather than compressors that take a reference: they need a reference
+    direction, a layer and a strength, which no compressor takes, and a registry of four plain kinds stays
+    simpler than one kind whose members take different arguments."""
+
+    name: str
+    description: str
+
+    def edit(self, weight: Any, unit: Any, alpha: float) -> Any: ...
+
+
 class Specs:
     @hookspec
     def aird_register_compressors(self, register: Callable[[Compressor], None]) -> None:
@@ -60,6 +75,10 @@ class Specs:
     @hookspec
     def aird_register_probes(self, register: Callable[[Probe], None]) -> None:
         """Register probe plugins by calling ``register(obj)`` for each."""
+
+    @hookspec
+    def aird_register_repairs(self, register: Callable[[Repair], None]) -> None:
+        """Register repair plugins by calling ``register(obj)`` for each."""
 
     @hookspec
     def aird_register_scorers(self, register: Callable[[Scorer], None]) -> None:

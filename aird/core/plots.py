@@ -55,3 +55,27 @@ def plot_probe(path: Path, n_layers: int, positions: list[int], scored: list[dic
     fig.suptitle(f"{summary['model']}: chosen layer {src['layer']}, position {src['position']}")
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_cosine(path: Path, summary: dict) -> None:
+    """Heatmap of the cosine similarity between the original and compressed candidate directions, by layer
+    (rows) and post-instruction position (columns); the two chosen sources are marked."""
+    import numpy as np
+
+    plt = _pyplot()
+    m = np.array([[np.nan if v is None else v for v in row] for row in summary["cosine_matrix"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(4 + 0.4 * m.shape[1], 0.28 * m.shape[0] + 1.5))
+    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=min(0.0, np.nanmin(m)) if np.isfinite(m).any() else 0, vmax=1)
+    pos = summary["positions"]
+    ax.set_xticks(range(len(pos)), [str(p) for p in pos])
+    ax.set_xlabel("post-instruction position")
+    ax.set_ylabel("layer")
+    src = summary["source"]
+    ax.plot(pos.index(src["original"]["position"]), src["original"]["layer"], "w*", ms=12, label="original source")
+    ax.plot(pos.index(src["compressed"]["position"]), src["compressed"]["layer"], "r^", ms=8, label="compressed source")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    ax.set_title(f"cosine(original, compressed); chosen: {summary['cosine_chosen']:.3f}", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)

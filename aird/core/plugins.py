@@ -14,10 +14,10 @@ from typing import Any, Iterable
 import pluggy
 
 from aird.core.errors import PluginError
-from aird.core.hookspecs import PROJECT, Compressor, Probe, Scorer, Specs
+from aird.core.hookspecs import PROJECT, Compressor, Probe, Repair, Scorer, Specs
 
 ENTRY_POINT_GROUP = "aird"
-KINDS: dict[str, type] = {"compressor": Compressor, "probe": Probe, "scorer": Scorer}
+KINDS: dict[str, type] = {"compressor": Compressor, "probe": Probe, "scorer": Scorer, "repair": Repair}
 
 
 @dataclass(frozen=True)

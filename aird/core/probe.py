@@ -92,6 +92,56 @@ def load_prompt_sets(cfg: ProbeConfig) -> PromptSets:
     )
 
 
+def prepare_validation(lm: LoadedModel, cfg: ProbeConfig, sets: PromptSets, refusal_ids: list[int],
+                       rep: Reporter | None = None) -> tuple[ValSet, dict, list[str], list[str]]:
+    """Baseline refusal scores of the validation prompts, the reference's filter (harmful prompts the model
+    refuses, harmless ones it answers), and everything the candidate scoring needs: the ablation batches,
+    the harmless residuals at every layer (for the induce score) and the harmless baseline logits (for KL)."""
+    rep = rep or Reporter()
+    hv = _formatted(lm, sets.harmful_val, cfg.system_prompt)
+    bv = _formatted(lm, sets.harmless_val, cfg.system_prompt)
+    with rep.stage("baseline (validation prompts)", len(hv) + len(bv)) as advance:
+        base = last_logits(lm, make_batches(lm, hv + bv, cfg.batch_size), progress=advance)
+    base_scores = refusal_scores(base, refusal_ids)
+    keep_hv = _filter(base_scores[: len(hv)], True, cfg.filter_prompts)
+    keep_bv = _filter(base_scores[len(hv):], False, cfg.filter_prompts)
+    if not keep_hv or not keep_bv:
+        raise AirdError(
+            f"after filtering {len(keep_hv)} harmful validation prompts are refused and {len(keep_bv)} harmless "
+            "ones answered; selection needs at least one of each (try --no-filter or more --n-val)."
+        )
+    hv_k = [hv[i] for i in keep_hv]
+    bv_k = [bv[i] for i in keep_bv]
+    harmless_batches = make_batches(lm, bv_k, cfg.batch_size)
+    cache: list[dict[int, torch.Tensor]] = []
+    base_harmless = torch.empty((len(bv_k), base.shape[-1]))
+    with torch.inference_mode():
+        for b in harmless_batches:
+            store: dict[int, torch.Tensor] = {}
+            with hooks.capture_resid(lm, store, None):
+                base_harmless[b.idx] = run_model(lm, b)[:, -1, :].cpu()
+            cache.append(store)
+    val = ValSet(make_batches(lm, hv_k + bv_k, cfg.batch_size), len(hv_k), harmless_batches, cache,
+                 base_harmless, refusal_ids)
+    baseline = {
+        "harmful_refusal_score": base_scores[: len(hv)][keep_hv].mean().item(),
+        "harmless_refusal_score": base_scores[len(hv):][keep_bv].mean().item(),
+        "harmful_refusal_score_all": base_scores[: len(hv)].mean().item(),
+        "harmless_refusal_score_all": base_scores[len(hv):].mean().item(),
+        "harmful_refused_share": (base_scores[: len(hv)] > 0).float().mean().item(),
+        "harmless_refused_share": (base_scores[len(hv):] > 0).float().mean().item(),
+        "val_kept": {"harmful": len(keep_hv), "harmless": len(keep_bv), "harmful_sampled": len(hv),
+                     "harmless_sampled": len(bv)},
+    }
+    return val, baseline, hv_k, bv_k
+
+
+def config_from_record(config: dict) -> ProbeConfig:
+    """The ProbeConfig a probe.jsonl record was written with."""
+    fields = ProbeConfig.__dataclass_fields__
+    return ProbeConfig(**{k: v for k, v in config.items() if k in fields})
+
+
 @dataclass
 class ProbeResult:
     out: Path
@@ -211,41 +261,7 @@ def run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False,
 
     # ---- 2. validation baseline -------------------------------------------------------------------------
     with sw("baseline"):
-        hv = _formatted(lm, sets.harmful_val, cfg.system_prompt)
-        bv = _formatted(lm, sets.harmless_val, cfg.system_prompt)
-        with rep.stage("baseline (validation prompts)", len(hv) + len(bv)) as advance:
-            base = last_logits(lm, make_batches(lm, hv + bv, cfg.batch_size), progress=advance)
-        base_scores = refusal_scores(base, refusal_ids)
-        keep_hv = _filter(base_scores[: len(hv)], True, cfg.filter_prompts)
-        keep_bv = _filter(base_scores[len(hv):], False, cfg.filter_prompts)
-        if not keep_hv or not keep_bv:
-            raise AirdError(
-                f"after filtering {len(keep_hv)} harmful validation prompts are refused and {len(keep_bv)} harmless "
-                "ones answered; selection needs at least one of each (try --no-filter or more --n-val)."
-            )
-        hv_k = [hv[i] for i in keep_hv]
-        bv_k = [bv[i] for i in keep_bv]
-        harmless_batches = make_batches(lm, bv_k, cfg.batch_size)
-        cache: list[dict[int, torch.Tensor]] = []
-        base_harmless = torch.empty((len(bv_k), base.shape[-1]))
-        with torch.inference_mode():
-            for b in harmless_batches:
-                store = {}
-                with hooks.capture_resid(lm, store, None):
-                    base_harmless[b.idx] = run_model(lm, b)[:, -1, :].cpu()
-                cache.append(store)
-        val = ValSet(make_batches(lm, hv_k + bv_k, cfg.batch_size), len(hv_k), harmless_batches, cache,
-                     base_harmless, refusal_ids)
-    baseline = {
-        "harmful_refusal_score": base_scores[: len(hv)][keep_hv].mean().item(),
-        "harmless_refusal_score": base_scores[len(hv):][keep_bv].mean().item(),
-        "harmful_refusal_score_all": base_scores[: len(hv)].mean().item(),
-        "harmless_refusal_score_all": base_scores[len(hv):].mean().item(),
-        "harmful_refused_share": (base_scores[: len(hv)] > 0).float().mean().item(),
-        "harmless_refused_share": (base_scores[len(hv):] > 0).float().mean().item(),
-        "val_kept": {"harmful": len(keep_hv), "harmless": len(keep_bv), "harmful_sampled": len(hv),
-                     "harmless_sampled": len(bv)},
-    }
+        val, baseline, hv_k, bv_k = prepare_validation(lm, cfg, sets, refusal_ids, rep)
     if not by_type.get("probe.baseline"):
         by_type["probe.baseline"] = [run.record("probe.baseline", **baseline, timings={"baseline": timings["baseline"]})]
         flush()

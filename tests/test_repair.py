@@ -1,0 +1,136 @@
+"""AIRD repair and diff on tiny models."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aird.core.compress import CompressConfig, run_compress
+from aird.core.diff import run_diff
+from aird.core.errors import AirdError, ArtifactError
+from aird.core.loading import load_model
+from aird.core.measure import decoder_linear_weights
+from aird.core.probe import ProbeConfig, run_probe
+from aird.core.repair import RepairConfig, run_repair
+from aird.plugins.repairs import RankOne, SparseRankOne
+
+
+def _unit(d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(d, generator=g, dtype=torch.float64)
+    return (r / r.norm()).float()
+
+
+def test_rank_one_edit_changes_only_the_projection_on_r():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 24, generator=g)
+    r = _unit(16)
+    new = RankOne().edit(w, r, 0.7)
+    P = torch.eye(16) - torch.outer(r, r)
+    assert torch.allclose(P @ new, P @ w, atol=1e-5)               # orthogonal complement untouched
+    assert torch.allclose(r @ new, 1.7 * (r @ w), atol=1e-5)        # projection scaled by 1 + α
+    sv = torch.linalg.svdvals((new - w).double())
+    assert sv[1] < 1e-5 * sv[0]                                       # a rank-one update (up to float32 rounding)
+
+
+def test_sparse_edit_keeps_the_mask_and_hits_the_target():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 24, generator=g)
+    w[torch.rand(16, 24, generator=g) < 0.5] = 0
+    r = _unit(16, 3)
+    alpha = 1.3
+    new = SparseRankOne().edit(w, r, alpha)
+    assert torch.equal(new == 0, w == 0) or bool(((new == 0) >= (w == 0)).all())
+    assert bool((new[w == 0] == 0).all())
+    assert torch.allclose((r.double() @ new.double()), (1 + alpha) * (r.double() @ w.double()), atol=1e-5)
+    # least norm: the update of column j is parallel to r̂ restricted to that column's non-zeros
+    delta = (new - w).double()
+    j = 5
+    s = w[:, j] != 0
+    rs = r.double() * s
+    assert torch.allclose(delta[:, j], rs * (delta[:, j] @ rs) / (rs @ rs), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def study(refusing, tmp_path_factory):
+    """Original probe, a 50%-magnitude-pruned model, and its probe (tiny refusing model)."""
+    model_dir, data = refusing
+    root = tmp_path_factory.mktemp("study")
+    cfg = dict(n_train=48, n_val=16, batch_size=16, data_dir=str(data), top_k=2, max_scored=6)
+    orig = load_model(str(model_dir), device="cpu")
+    run_probe(orig, ProbeConfig(**cfg), root / "probe-orig")
+    pruned = run_compress(orig, CompressConfig(method="magnitude", params={"sparsity": 0.5}, data_dir=str(data)),
+                          root / "pruned").out
+    lm = load_model(str(pruned), device="cpu")
+    run_probe(lm, ProbeConfig(**cfg), root / "probe-pruned")
+    return root, data
+
+
+def test_diff_of_a_probe_with_itself(study, tmp_path):
+    root, _ = study
+    s = run_diff(root / "probe-orig", root / "probe-orig", tmp_path / "d")
+    assert s["cosine_chosen"] == pytest.approx(1.0, abs=1e-6)
+    assert all(v is None or v == pytest.approx(1.0, abs=1e-5) for row in s["cosine_matrix"] for v in row)
+    assert s["source"]["moved"] is False and s["source"]["layer_shift"] == 0
+    assert (tmp_path / "d" / "diff.png").is_file()
+
+
+def test_diff_original_vs_pruned(study, tmp_path):
+    root, _ = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    s = run_diff(root / "probe-orig", root / "probe-pruned", tmp_path / "d", lm=lm)
+    assert -1 <= s["cosine_chosen"] < 0.9999
+    assert len(s["cosine_by_layer"]) == s["n_layers"]
+    oic = s["quality"]["original_in_compressed"]
+    assert set(oic) == {"bypass", "induce", "kl", "layer"}
+    recs = [json.loads(line) for line in (tmp_path / "d" / "diff.jsonl").read_text().splitlines()]
+    assert recs[0]["record"] == "diff.summary" and recs[0]["schema"] == 1
+
+
+def test_diff_refuses_incomparable_probes(study, refusing, tmp_path):
+    root, data = study
+    lm = load_model(str(refusing[0]), device="cpu")
+    run_probe(lm, ProbeConfig(n_train=40, n_val=16, data_dir=str(data), top_k=1, max_scored=3), tmp_path / "other")
+    with pytest.raises(ArtifactError, match="different settings \\(n_train\\)"):
+        run_diff(root / "probe-orig", tmp_path / "other", tmp_path / "d")
+
+
+@pytest.mark.parametrize("method", ["aird", "aird-sparse"])
+def test_repair_restores_refusal_and_records_sparsity(study, tmp_path, method):
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    cfg = RepairConfig(method=method, data_dir=str(data), compressed_probe=str(root / "probe-pruned"))
+    s = run_repair(lm, root / "probe-orig", cfg, tmp_path / "rep")
+    v = s["validation"]
+    assert v["repaired"]["harmful_refusal_rate"] >= v["compressed"]["harmful_refusal_rate"]
+    assert v["repaired"]["harmful_refusal_score"] > v["compressed"]["harmful_refusal_score"]
+    assert s["alpha"] in [t["alpha"] for t in v["trials"]]
+    before = decoder_linear_weights(load_file(str(root / "pruned" / "model.safetensors")))
+    after = decoder_linear_weights(load_file(str(tmp_path / "rep" / "model.safetensors")))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(f"layers.{s['layer']}." in k for k in changed)
+    if method == "aird-sparse":
+        assert all(torch.equal(before[k] == 0, after[k] == 0) for k in before)   # every matrix keeps its mask
+        assert s["sparsity"]["after"] == s["sparsity"]["before"]
+        assert s["layer_sparsity"]["after"] == s["layer_sparsity"]["before"]
+    else:
+        assert s["layer_sparsity"]["after"] < s["layer_sparsity"]["before"]
+    reloaded = load_model(str(tmp_path / "rep"), device="cpu")
+    assert reloaded.n_layers == lm.n_layers
+
+
+def test_repair_fixed_choices_and_bad_input(study, tmp_path):
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    s = run_repair(lm, root / "probe-orig", RepairConfig(layer=1, matrix="mlp", alpha=2.0, data_dir=str(data)),
+                   tmp_path / "fixed")
+    assert (s["layer"], s["matrix"], s["alpha"]) == (1, "mlp", 2.0)
+    assert len(s["validation"]["trials"]) == 1
+    with pytest.raises(AirdError, match="--matrix must be attn, mlp or both"):
+        run_repair(lm, root / "probe-orig", RepairConfig(matrix="qkv", data_dir=str(data)), tmp_path / "x")
+    with pytest.raises(AirdError, match="--layer must be in"):
+        run_repair(lm, root / "probe-orig", RepairConfig(layer=99, data_dir=str(data)), tmp_path / "x")
+    with pytest.raises(AirdError, match="--alpha must be a number or auto"):
+        run_repair(lm, root / "probe-orig", RepairConfig(alpha="lots", data_dir=str(data)), tmp_path / "x")
