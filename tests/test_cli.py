@@ -99,3 +99,36 @@ def test_probe_end_to_end_and_corrupt_artifact(refusing, tmp_path):
         fh.write("{not json\n")
     assert_one_sentence_error(aird(*args), "is not valid JSON", "--force")
     assert aird(*args, "--force").returncode == 0
+
+
+def test_compress_diff_repair_pipeline(refusing, tmp_path):
+    """The commands chained as a user chains them: each takes the previous one's JSONL record on stdin."""
+    model_dir, data = refusing
+    common = ["--data-dir", str(data)]
+    probe_opts = ["--n-train", "32", "--n-val", "12", "--max-scored", "4", "--top-k", "1", *common]
+    assert aird("probe", "--model", str(model_dir), "--out", str(tmp_path / "p0"), *probe_opts).returncode == 0
+    comp = aird("compress", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5",
+                "--out", str(tmp_path / "m"), *common)
+    assert comp.returncode == 0, comp.stderr
+    probe = aird("probe", "--model", "-", "--out", str(tmp_path / "p1"), *probe_opts, stdin=comp.stdout)
+    assert probe.returncode == 0, probe.stderr
+    diff = aird("diff", str(tmp_path / "p0"), "-", "--out", str(tmp_path / "d"), stdin=probe.stdout)
+    assert diff.returncode == 0, diff.stderr
+    d = json.loads(diff.stdout.splitlines()[-1])
+    assert d["record"] == "diff.summary" and d["quality"]["original_in_compressed"] is not None
+    rep = aird("repair", "-", "--reference", str(tmp_path / "p0"), "--method", "aird-sparse", "--out",
+               str(tmp_path / "r"), *common, stdin=comp.stdout)
+    assert rep.returncode == 0, rep.stderr
+    r = json.loads(rep.stdout.splitlines()[-1])
+    assert r["record"] == "repair.summary" and r["sparsity"]["after"] == r["sparsity"]["before"]
+
+
+def test_bad_compress_and_repair_input(refusing, tmp_path):
+    model_dir, data = refusing
+    assert_one_sentence_error(aird("compress", "--model", str(model_dir), "--method", "nope"), "unknown compressor")
+    assert_one_sentence_error(aird("compress", "--model", str(model_dir), "--method", "magnitude", "--sparsity",
+                                   "1.5", "--out", str(tmp_path / "x"), "--data-dir", str(data)), "sparsity must be in")
+    assert_one_sentence_error(aird("compress", "--model", str(model_dir), "--method", "magnitude", "--pattern",
+                                   "4:2", "--out", str(tmp_path / "x"), "--data-dir", str(data)), "smaller than M")
+    assert_one_sentence_error(aird("repair", str(model_dir), "--reference", str(tmp_path / "nope")), "does not exist")
+    assert_one_sentence_error(aird("diff", str(tmp_path / "a"), str(tmp_path / "b")), "does not exist")

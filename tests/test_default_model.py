@@ -63,3 +63,31 @@ def test_default_direction_mediates_refusal(default_probe):
     assert abl[kept_h].mean().item() == pytest.approx(summary["quality"]["bypass"], abs=0.05)
     assert add[kept_b].mean().item() == pytest.approx(summary["quality"]["induce"], abs=0.05)
     assert torch.isfinite(direction).all()
+
+
+@pytest.mark.parametrize("method,options,check", [
+    ("magnitude", ["--sparsity", "0.5"], "sparsity"),
+    ("wanda", ["--sparsity", "0.5", "--calib-samples", "16"], "sparsity"),
+    ("magnitude", ["--pattern", "2:4"], "nm"),
+    ("rtn", ["--bits", "4", "--group-size", "128"], "bits"),
+])
+def test_default_model_compression(tmp_path, method, options, check):
+    from safetensors.torch import load_file
+
+    from aird.core.measure import decoder_linear_weights, max_distinct_per_group
+
+    out = tmp_path / method
+    res = subprocess.run([sys.executable, "-m", "aird", "compress", "--model", "default", "--method", method,
+                          *options, "--out", str(out), "--json"], capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    weights = decoder_linear_weights(load_file(str(out / "model.safetensors")))
+    assert len(weights) == 24 * 7
+    if check == "sparsity":
+        assert s["sparsity"] == pytest.approx(0.5, abs=0.01)
+    elif check == "nm":
+        for w in weights.values():
+            assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
+    else:
+        assert s["bits"] <= 4 and all(max_distinct_per_group(w, 128) <= 16 for w in weights.values())
+    assert all(v < 0.01 for v in s["other_sparsity"].values())   # embeddings and lm_head stay dense
