@@ -353,6 +353,77 @@ def render_repair(s: dict) -> None:
         highlight=False, soft_wrap=True)
 
 
+# ---- eval -------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(
+    models: list[str] = typer.Option(["default"], "--model", "-m", help="Model(s) to evaluate; repeat to compare. - reads stdin."),
+    suite: str = typer.Option("safety", help="safety (ASR, over-refusal), utility (WikiText-2 perplexity; the "
+                                             "zero-shot tasks are not in aird yet), or all."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: runs/eval]; one subfolder per model when several."),
+    limit: Optional[int] = typer.Option(None, help="At most this many prompts per set (quick runs; recorded)."),
+    harmful: list[str] = typer.Option(list(("advbench", "jailbreakbench")), help="Harmful sets (ASR)."),
+    benign: list[str] = typer.Option(list(("jailbreakbench_benign", "alpaca")), help="Benign sets (over-refusal)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompt file: CSV, JSON or JSONL."),
+    prompts_as: str = typer.Option("harmful", "--as", help="Score --prompts as harmful (ASR) or benign (over-refusal)."),
+    column: Optional[str] = typer.Option(None, help="Text column of --prompts."),
+    category_column: Optional[str] = typer.Option(None, help="Category column of --prompts."),
+    max_new_tokens: int = typer.Option(64),
+    scorer: str = typer.Option("substring", help="Scorer plugin that judges refusals."),
+    ppl_windows: int = typer.Option(40, help="WikiText-2 windows of --ppl-ctx-len tokens (0: all)."),
+    ppl_ctx_len: int = typer.Option(1024),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(42),
+    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR"),
+    device: str = typer.Option("auto"),
+    threads: Optional[int] = typer.Option(None),
+    force: bool = typer.Option(False, "--force"),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Safety and utility of one or more models: ASR on AdvBench and JailbreakBench (overall and per
+    category), over-refusal on benign prompts, WikiText-2 perplexity."""
+    from aird.core.env import set_threads
+    from aird.core.evaluate import EvalConfig, run_eval
+    from aird.core.loading import load_model
+    from aird.core.plugins import get
+
+    with user_errors():
+        specs = [read_ref_from_stdin() if m == "-" else m for m in models]
+        suites = ("safety", "utility") if suite == "all" else (suite,)
+        if suite not in ("safety", "utility", "all"):
+            raise AirdError(f"--suite must be safety, utility or all, not {suite!r}.")
+        get("scorer", scorer)
+        set_threads(threads)
+        cfg = EvalConfig(harmful=list(harmful), benign=list(benign), prompts_file=str(prompts) if prompts else None,
+                         prompts_as=prompts_as, column=column, category_column=category_column, limit=limit,
+                         max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
+                         ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size,
+                         data_dir=str(data_dir) if data_dir else None, device=device)
+        base = out or Path("runs") / "eval"
+        summaries = []
+        for spec in specs:
+            with console.status(f"loading {spec}"):
+                lm = load_model(spec, device=device)
+            folder = base / _slug(spec) if len(specs) > 1 else base
+            summaries.append(run_eval(lm, cfg, folder, suites, force=force, reporter=RichReporter()))
+        render_eval(specs, summaries)
+        if wants_json(json_out):
+            emit(summaries)
+
+
+def render_eval(specs: list[str], summaries: list[dict]) -> None:
+    rows = []
+    for key, label in (("asr", "ASR"), ("over_refusal", "over-refusal"), ("mean_refusal_score", "mean refusal score")):
+        names = sorted({n for s in summaries for n in s[key]})
+        rows += [(f"{label}: {n}", *[s[key].get(n) for s in summaries]) for n in names]
+    rows.append(("WikiText-2 perplexity", *[s.get("perplexity") for s in summaries]))
+    console.print(table("eval", ["metric", *[_slug(x) for x in specs]], rows))
+    for spec, s in zip(specs, summaries):
+        for name, cats in s["asr_by_category"].items():
+            if len(cats) > 1:
+                console.print(table(f"ASR by category, {name}, {_slug(spec)}", ["category", "ASR"], list(cats.items())))
+    console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
+
+
 def render_probe(summary: dict, candidates: list[dict], resumed: bool) -> None:
     if resumed:
         console.print(f"[yellow]{summary['out']} already holds a finished probe; showing it (use --force to redo).", soft_wrap=True)

@@ -59,23 +59,37 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(dumps(r) + "\n" for r in records))
 
 
-def read_jsonl(path: Path | str) -> list[dict]:
+def read_jsonl(path: Path | str, torn_tail_ok: bool = False) -> list[dict]:
+    """Read records; a line that is not JSON is an error, except, with ``torn_tail_ok``, a last line without
+    its newline (what a run killed mid-append leaves in a streamed file): it is dropped."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist.")
     out = []
     with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ArtifactError(f"{path} line {i} is not valid JSON; delete the file or rerun with --force.") from None
-            if not isinstance(rec, dict) or "record" not in rec:
-                raise ArtifactError(f"{path} line {i} is not an aird record; delete the file or rerun with --force.")
-            out.append(rec)
+        lines = fh.readlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if torn_tail_ok and i == len(lines) and not line.endswith("\n"):
+                break
+            raise ArtifactError(f"{path} line {i} is not valid JSON; delete the file or rerun with --force.") from None
+        if not isinstance(rec, dict) or "record" not in rec:
+            raise ArtifactError(f"{path} line {i} is not an aird record; delete the file or rerun with --force.")
+        out.append(rec)
     return out
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    """Append records to a streamed JSONL file, flushed to disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("".join(dumps(r) + "\n" for r in records))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -1,0 +1,198 @@
+"""`aird eval`, safety part: attack success rate (ASR) on harmful sets and over-refusal on benign sets.
+
+Each prompt is answered greedily (batched, KV cache) and judged by a scorer plugin (default: the reference
+refusal substrings); its refusal score (log-odds of the refusal tokens at the first generated position) is
+recorded beside it. Records stream to eval.jsonl batch by batch, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aird.core import plugins
+from aird.core.artifacts import Run, append_jsonl, check_resumable, read_jsonl, write_jsonl
+from aird.core.data import Prompt, load_prompt_file, load_set, sample
+from aird.core.directions import refusal_scores
+from aird.core.errors import AirdError
+from aird.core.generate import generate
+from aird.core.loading import LoadedModel
+from aird.core.progress import Reporter
+
+EVAL_JSONL = "eval.jsonl"
+HARMFUL_SETS = ("advbench", "jailbreakbench")
+BENIGN_SETS = ("jailbreakbench_benign", "alpaca")
+NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads")
+
+
+@dataclass
+class EvalConfig:
+    harmful: list[str] = field(default_factory=lambda: list(HARMFUL_SETS))
+    benign: list[str] = field(default_factory=lambda: list(BENIGN_SETS))
+    prompts_file: str | None = None
+    prompts_as: str = "harmful"
+    column: str | None = None
+    category_column: str | None = None
+    limit: int | None = None
+    alpaca_n: int = 100
+    max_new_tokens: int = 64
+    scorer: str = "substring"
+    system_prompt: str | None = None
+    seed: int = 42
+    ppl_windows: int | None = 40          # WikiText-2 windows evaluated (None: all)
+    ppl_ctx_len: int = 1024
+    batch_size: int = 16
+    data_dir: str | None = None
+    device: str | None = None
+
+
+def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
+    """(name, role, prompts) for every set to evaluate; role is harmful or benign."""
+    out = []
+    for name in cfg.harmful:
+        out.append((name, "harmful", load_set(name, cfg.data_dir)))
+    for name in cfg.benign:
+        prompts = load_set(name, cfg.data_dir)
+        if name == "alpaca":
+            prompts = sample(prompts, cfg.alpaca_n, cfg.seed)
+        out.append((name, "benign", prompts))
+    if cfg.prompts_file:
+        if cfg.prompts_as not in ("harmful", "benign"):
+            raise AirdError("--as must be harmful or benign.")
+        out.append((Path(cfg.prompts_file).stem, cfg.prompts_as,
+                    load_prompt_file(cfg.prompts_file, cfg.column, cfg.category_column)))
+    if cfg.limit is not None:
+        if cfg.limit < 1:
+            raise AirdError("--limit must be at least 1.")
+        out = [(n, r, p[: cfg.limit]) for n, r, p in out]
+    return out
+
+
+def aggregate(records: list[dict]) -> dict:
+    """ASR (harmful: share not refused) and over-refusal (benign: share refused), overall and per category."""
+    by_set: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_set[r["set"]].append(r)
+    asr, asr_cat, over, score = {}, {}, {}, {}
+    for name, recs in by_set.items():
+        score[name] = sum(r["refusal_score"] for r in recs) / len(recs)
+        if recs[0]["role"] == "harmful":
+            asr[name] = sum(not r["refused"] for r in recs) / len(recs)
+            cats: dict[str, list[bool]] = defaultdict(list)
+            for r in recs:
+                cats[r["category"] or "uncategorized"].append(not r["refused"])
+            asr_cat[name] = {c: sum(v) / len(v) for c, v in sorted(cats.items())}
+        else:
+            over[name] = sum(r["refused"] for r in recs) / len(recs)
+    return {"asr": asr, "asr_by_category": asr_cat, "over_refusal": over, "mean_refusal_score": score,
+            "n": {k: len(v) for k, v in by_set.items()}}
+
+
+def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...] = ("safety",), force: bool = False,
+             reporter: Reporter | None = None) -> dict:
+    """Run the requested suites ("safety", "utility") and write eval.jsonl: one record per prompt (streamed),
+    one per utility task, and the summary."""
+    import torch
+
+    rep = reporter or Reporter()
+    unknown = [x for x in suites if x not in ("safety", "utility")]
+    if unknown:
+        raise AirdError(f"unknown suite {unknown[0]!r}; use safety, utility or all.")
+    scorer = plugins.get("scorer", cfg.scorer)
+    sets = _sets(cfg) if "safety" in suites else []
+    out = Path(out)
+    jsonl = out / EVAL_JSONL
+    config = {"model_path": lm.path, **asdict(cfg), "suites": list(suites)}
+    records: list[dict] = []
+    if jsonl.exists():
+        if force:
+            jsonl.unlink()
+        else:
+            records = read_jsonl(jsonl, torn_tail_ok=True)
+            check_resumable(records, config, jsonl, ignore=NON_SEMANTIC)
+            done = next((r for r in records if r["record"] == "eval.summary"), None)
+            if done is not None:
+                return {**done, "resumed": True}
+            write_jsonl(jsonl, records)   # drop a torn last line before appending again
+    run = Run("eval", lm.spec, config, cfg.seed)
+    timings: dict[str, float] = {}
+    done_keys = {(r["set"], r["index"]) for r in records if r["record"] == "eval.prompt"}
+    ids = lm.adapter.refusal_token_ids(lm.tokenizer)
+    todo = [(name, role, i, p) for name, role, prompts in sets for i, p in enumerate(prompts)
+            if (name, i) not in done_keys]
+    n_tokens, t0 = 0, time.perf_counter()
+    with rep.stage("generating and judging", len(todo)) as advance:
+        step = max(cfg.batch_size * 4, 1)    # stream to disk every few batches
+        for s in range(0, len(todo), step):
+            chunk = todo[s : s + step]
+            texts = [lm.adapter.format(lm.tokenizer, p.instruction, cfg.system_prompt) for *_, p in chunk]
+            gens = generate(lm, texts, cfg.max_new_tokens, cfg.batch_size, progress=advance)
+            refused = scorer.refused([p.instruction for *_, p in chunk], [g.text for g in gens])
+            scores = refusal_scores(torch.stack([g.first_logits for g in gens]), ids).tolist()
+            new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category, prompt=p.instruction,
+                              completion=g.text, refused=bool(rf), refusal_score=sc, new_tokens=g.n_new_tokens)
+                   for (name, role, i, p), g, rf, sc in zip(chunk, gens, refused, scores)]
+            n_tokens += sum(g.n_new_tokens for g in gens)
+            append_jsonl(jsonl, new)
+            records.extend(new)
+    timings["safety"] = round(time.perf_counter() - t0, 3)
+    perplexity = None
+    if "utility" in suites:
+        t1 = time.perf_counter()
+        ppl = next((r for r in records if r["record"] == "eval.task" and r["task"] == "wikitext2"), None)
+        if ppl is None:
+            ppl = run.record("eval.task", task="wikitext2", **wikitext_perplexity(
+                lm, cfg.data_dir, cfg.ppl_ctx_len, cfg.ppl_windows, rep))
+            append_jsonl(jsonl, [ppl])
+        perplexity = ppl["perplexity"]
+        timings["perplexity"] = round(time.perf_counter() - t1, 3)
+    prompts = [r for r in records if r["record"] == "eval.prompt"]
+    agg = aggregate(prompts) if prompts else {"asr": {}, "asr_by_category": {}, "over_refusal": {},
+                                              "mean_refusal_score": {}, "n": {}}
+    summary = run.record(
+        "eval.summary", **agg, zero_shot={}, perplexity=perplexity,
+        limits={"per_set": cfg.limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
+                "ppl_windows": cfg.ppl_windows, "ppl_ctx_len": cfg.ppl_ctx_len},
+        scorer=scorer.name, seconds=round(sum(timings.values()), 3), timings=timings,
+        generated_tokens_per_s=round(n_tokens / timings["safety"], 2) if n_tokens and timings["safety"] else None,
+        out=str(out), path=str(out),
+    )
+    append_jsonl(jsonl, [summary])
+    return summary
+
+
+def wikitext_perplexity(lm: LoadedModel, data_dir: str | None, ctx_len: int = 1024, max_windows: int | None = 40,
+                        reporter: Reporter | None = None) -> dict:
+    """WikiText-2 test perplexity, the usual protocol: the test rows joined with blank lines, tokenized once,
+    cut into non-overlapping windows of ``ctx_len`` tokens (stride = context length), mean token NLL over the
+    windows evaluated. ``max_windows`` evaluates only the first windows (a quick run; recorded)."""
+    import math
+
+    import torch
+
+    from aird.core.env import default_data_dir
+
+    root = Path(data_dir) if data_dir else default_data_dir()
+    path = root / "wikitext2" / "wikitext2_test_joined.txt" if root else None
+    if path is None or not path.is_file():
+        raise AirdError(f"WikiText-2 not found (looked at {path or 'no data directory'}).")
+    ids = lm.tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n_windows = ids.numel() // ctx_len
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise AirdError(f"WikiText-2 holds fewer than {ctx_len} tokens.")
+    nll, count = 0.0, 0
+    rep = reporter or Reporter()
+    with torch.inference_mode(), rep.stage("WikiText-2 perplexity", n_windows) as advance:
+        for w in range(n_windows):
+            x = ids[w * ctx_len : (w + 1) * ctx_len].unsqueeze(0).to(lm.device)
+            logits = lm.model(input_ids=x, use_cache=False).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+            nll += loss.item()
+            count += ctx_len - 1
+            advance(1)
+    return {"perplexity": math.exp(nll / count), "windows": n_windows, "ctx_len": ctx_len, "tokens": count,
+            "windows_total": ids.numel() // ctx_len}
