@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 
 def aird(*args, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "aird", *args], capture_output=True, text=True, input=stdin,

@@ -1,7 +1,6 @@
 """AIRD repair and diff on tiny models."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -172,3 +172,23 @@ def check_resumable(records: list[dict], config: dict, path: Path, ignore: tuple
                 f"{path} holds a run with a different configuration ({', '.join(diff)}); "
                 "use another --out or rerun with --force."
             )
+
+
+def finished_model_folder(out: Path, jsonl_name: str, summary_record: str, config: dict, force: bool,
+                          ignore: tuple[str, ...] = ()) -> dict | None:
+    """For commands that write a model folder (compress, repair): the summary of a finished run with the same
+    configuration in ``out`` (to reuse), else None; refuses to replace anything that is not an aird model
+    folder, and an existing model without ``force``."""
+    jsonl = out / jsonl_name
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not jsonl.exists()
+                         and not (out / "config.json").exists()):
+        raise ArtifactError(f"{out} exists and is not a model folder; aird will not replace it, choose another --out.")
+    if jsonl.exists() and not force:
+        records = read_jsonl(jsonl)
+        check_resumable(records, config, jsonl, ignore=ignore)
+        done = next((r for r in records if r["record"] == summary_record), None)
+        if done is not None and (out / "config.json").is_file():
+            return done
+    elif (out / "config.json").exists() and not force:
+        raise ArtifactError(f"{out} already holds a model; use --force to replace it or choose another --out.")
+    return None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from aird.core import plugins
-from aird.core.artifacts import Run, Stopwatch, check_resumable, read_jsonl, write_jsonl
+from aird.core.artifacts import Run, Stopwatch, finished_model_folder, write_jsonl
 from aird.core.data import load_set, sample
 from aird.core.env import default_data_dir
 from aird.core.errors import AirdError
@@ -156,17 +156,9 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
     out = Path(out)
     jsonl = out / COMPRESS_JSONL
     config = {"model_path": lm.path, **asdict(cfg), "params": params}
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not jsonl.exists()
-                         and not (out / "config.json").exists()):
-        raise AirdError(f"{out} exists and is not a model folder; aird will not replace it, choose another --out.")
-    if jsonl.exists() and not force:
-        records = read_jsonl(jsonl)
-        check_resumable(records, config, jsonl, ignore=NON_SEMANTIC)
-        done = next((r for r in records if r["record"] == "compress.summary"), None)
-        if done is not None and (out / "config.json").is_file():
-            return CompressResult(out, done, resumed=True)
-    elif (out / "config.json").exists() and not force:
-        raise AirdError(f"{out} already holds a model; use --force to replace it or choose another --out.")
+    done = finished_model_folder(out, COMPRESS_JSONL, "compress.summary", config, force, ignore=NON_SEMANTIC)
+    if done is not None:
+        return CompressResult(out, done, resumed=True)
 
     run = Run("compress", lm.spec, config, cfg.seed)
     sw = Stopwatch(run.timings)

@@ -141,7 +141,7 @@ def load_model(
         config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load the config of model {spec!r}: {str(exc).splitlines()[0]}") from None
-    adapter = adapter_for(config)
+    adapter_for(config)  # an unsupported family fails here, before the weights load
     try:
         tok = _load_tokenizer(where, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from aird.core import hooks, plugins
-from aird.core.artifacts import Run, Stopwatch, check_resumable, read_jsonl, write_jsonl
+from aird.core.artifacts import Run, Stopwatch, finished_model_folder, write_jsonl
 from aird.core.diff import open_probe
 from aird.core.directions import refusal_scores
 from aird.core.errors import AirdError
@@ -142,16 +142,9 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     out = Path(out)
     jsonl = out / REPAIR_JSONL
     config = {"model_path": lm.path, "reference": str(ref.path), **asdict(cfg), "layers": layers, "alphas": alphas}
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not jsonl.exists() and not (out / "config.json").exists()):
-        raise AirdError(f"{out} exists and is not a model folder; aird will not replace it, choose another --out.")
-    if jsonl.exists() and not force:
-        records = read_jsonl(jsonl)
-        check_resumable(records, config, jsonl, ignore=NON_SEMANTIC)
-        done = next((r for r in records if r["record"] == "repair.summary"), None)
-        if done is not None and (out / "config.json").is_file():
-            return {**done, "resumed": True}
-    elif (out / "config.json").exists() and not force:
-        raise AirdError(f"{out} already holds a model; use --force to replace it or choose another --out.")
+    done = finished_model_folder(out, REPAIR_JSONL, "repair.summary", config, force, ignore=NON_SEMANTIC)
+    if done is not None:
+        return {**done, "resumed": True}
 
     run = Run("repair", lm.spec, config, ref.summary["seed"])
     sw = Stopwatch(run.timings)

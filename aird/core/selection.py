@@ -102,7 +102,7 @@ def attribution_bypass(lm: LoadedModel, batches: list[Batch], units: torch.Tenso
                     continue
                 total -= ((t @ R) * (t.grad @ R) * mask).sum((0, 1)).double().cpu()
         n += len(b.idx)
-        del outs
+        outs.clear()
         if progress:
             progress(len(b.idx))
     return (total / max(n, 1)).float()
