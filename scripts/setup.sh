@@ -10,6 +10,8 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)' 2>/dev/null \
   || pip_install "torch==2.13.0"
 pip_install -c constraints.txt -e ".[compress,eval,dev]"
+# pyenv needs a rehash before a newly installed console script is on PATH
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 if [ "${AIRD_SKIP_MODEL:-0}" != "1" ]; then
   "$PY" -m aird models install default
 fi

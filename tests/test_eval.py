@@ -93,3 +93,21 @@ def test_perplexity_matches_a_direct_computation(refusing):
             losses.append(torch.nn.functional.cross_entropy(lm.model(input_ids=x).logits[0, :-1], x[0, 1:]))
     assert res["perplexity"] == pytest.approx(torch.stack(losses).mean().exp().item(), rel=1e-4)
     assert res["windows"] == 3 and res["tokens"] == 45
+
+
+def test_utility_suite_records_tasks_and_perplexity(refusing, tmp_path):
+    pytest.importorskip("lm_eval")
+    model_dir, data = refusing
+    rows = [{"query": f"Question: {q}?", "choices": ["Sure", "I"], "gold": i % 2}
+            for i, q in enumerate(tiny.instructions(tiny.HARMLESS_ACTS)[:6])]
+    (data / "arc_easy").mkdir(exist_ok=True)
+    (data / "arc_easy" / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lm = load_model(str(model_dir), device="cpu")
+    cfg = EvalConfig(harmful=[], benign=[], tasks=["arc_easy"], limit=4, ppl_windows=2, ppl_ctx_len=16,
+                     data_dir=str(data))
+    s = run_eval(lm, cfg, tmp_path / "u", suites=("utility",))
+    assert set(s["zero_shot"]) == {"arc_easy"} and s["zero_shot"]["arc_easy"]["n"] == 4
+    assert 0 <= s["zero_shot_mean"] <= 1 and s["perplexity"] > 1
+    assert s["limits"]["per_task"] == 4
+    tasks = [r for r in read_jsonl(tmp_path / "u" / "eval.jsonl") if r["record"] == "eval.task"]
+    assert {t["task"] for t in tasks} == {"arc_easy", "wikitext2"}

@@ -357,10 +357,13 @@ def render_repair(s: dict) -> None:
 @app.command("eval")
 def eval_cmd(
     models: list[str] = typer.Option(["default"], "--model", "-m", help="Model(s) to evaluate; repeat to compare. - reads stdin."),
-    suite: str = typer.Option("safety", help="safety (ASR, over-refusal), utility (WikiText-2 perplexity; the "
-                                             "zero-shot tasks are not in aird yet), or all."),
+    suite: str = typer.Option("safety", help="safety (ASR, over-refusal), utility (zero-shot accuracy through "
+                                             "lm-eval, WikiText-2 perplexity), or all."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: runs/eval]; one subfolder per model when several."),
-    limit: Optional[int] = typer.Option(None, help="At most this many prompts per set (quick runs; recorded)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many prompts per set and examples per zero-shot "
+                                                   "task (quick runs; recorded)."),
+    tasks: list[str] = typer.Option(["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande",
+                                     "openbookqa", "rte"], "--task", help="Zero-shot tasks (utility suite)."),
     harmful: list[str] = typer.Option(list(("advbench", "jailbreakbench")), help="Harmful sets (ASR)."),
     benign: list[str] = typer.Option(list(("jailbreakbench_benign", "alpaca")), help="Benign sets (over-refusal)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompt file: CSV, JSON or JSONL."),
@@ -396,7 +399,7 @@ def eval_cmd(
         cfg = EvalConfig(harmful=list(harmful), benign=list(benign), prompts_file=str(prompts) if prompts else None,
                          prompts_as=prompts_as, column=column, category_column=category_column, limit=limit,
                          max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
-                         ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size,
+                         ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
                          data_dir=str(data_dir) if data_dir else None, device=device)
         base = out or Path("runs") / "eval"
         summaries = []
@@ -415,6 +418,10 @@ def render_eval(specs: list[str], summaries: list[dict]) -> None:
     for key, label in (("asr", "ASR"), ("over_refusal", "over-refusal"), ("mean_refusal_score", "mean refusal score")):
         names = sorted({n for s in summaries for n in s[key]})
         rows += [(f"{label}: {n}", *[s[key].get(n) for s in summaries]) for n in names]
+    tasks = sorted({t for s in summaries for t in s.get("zero_shot", {})})
+    rows += [(f"zero-shot acc: {t}", *[s["zero_shot"].get(t, {}).get("acc") for s in summaries]) for t in tasks]
+    if tasks:
+        rows.append(("zero-shot acc: mean", *[s.get("zero_shot_mean") for s in summaries]))
     rows.append(("WikiText-2 perplexity", *[s.get("perplexity") for s in summaries]))
     console.print(table("eval", ["metric", *[_slug(x) for x in specs]], rows))
     for spec, s in zip(specs, summaries):

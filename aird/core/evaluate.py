@@ -41,6 +41,8 @@ class EvalConfig:
     scorer: str = "substring"
     system_prompt: str | None = None
     seed: int = 42
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq",
+                                                      "winogrande", "openbookqa", "rte"])
     ppl_windows: int | None = 40          # WikiText-2 windows evaluated (None: all)
     ppl_ctx_len: int = 1024
     batch_size: int = 16
@@ -139,7 +141,22 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
             records.extend(new)
     timings["safety"] = round(time.perf_counter() - t0, 3)
     perplexity = None
+    zero_shot: dict[str, dict] = {}
     if "utility" in suites:
+        t1 = time.perf_counter()
+        have = {r["task"]: r for r in records if r["record"] == "eval.task"}
+        missing = [t for t in cfg.tasks if t not in have]
+        if missing:
+            from aird.core.zeroshot import run_zero_shot
+
+            with rep.stage(f"zero-shot tasks through lm-eval ({', '.join(missing)})", 1) as advance:
+                res = run_zero_shot(lm, missing, out / "lm_eval_tasks", cfg.data_dir, cfg.limit, cfg.batch_size)
+                advance(1)
+            new = [run.record("eval.task", task=t, **v) for t, v in res.items()]
+            append_jsonl(jsonl, new)
+            have.update({r["task"]: r for r in new})
+        zero_shot = {t: {k: have[t][k] for k in ("acc", "acc_norm", "n") if k in have[t]} for t in cfg.tasks}
+        timings["zero_shot"] = round(time.perf_counter() - t1, 3)
         t1 = time.perf_counter()
         ppl = next((r for r in records if r["record"] == "eval.task" and r["task"] == "wikitext2"), None)
         if ppl is None:
@@ -152,8 +169,9 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     agg = aggregate(prompts) if prompts else {"asr": {}, "asr_by_category": {}, "over_refusal": {},
                                               "mean_refusal_score": {}, "n": {}}
     summary = run.record(
-        "eval.summary", **agg, zero_shot={}, perplexity=perplexity,
-        limits={"per_set": cfg.limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
+        "eval.summary", **agg, zero_shot=zero_shot, perplexity=perplexity,
+        zero_shot_mean=sum(v["acc"] for v in zero_shot.values()) / len(zero_shot) if zero_shot else None,
+        limits={"per_set": cfg.limit, "per_task": cfg.limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
                 "ppl_windows": cfg.ppl_windows, "ppl_ctx_len": cfg.ppl_ctx_len},
         scorer=scorer.name, seconds=round(sum(timings.values()), 3), timings=timings,
         generated_tokens_per_s=round(n_tokens / timings["safety"], 2) if n_tokens and timings["safety"] else None,

@@ -1,0 +1,119 @@
+"""Zero-shot accuracy through lm-evaluation-harness's own task machinery, on local files.
+
+aird writes lm-eval task configs that point at the JSONL files of the data directory (the llm-foundry
+preprocessed copies of ARC, PIQA, OpenBookQA, BoolQ, WinoGrande, HellaSwag, and SuperGLUE RTE), with the
+prompts lm-eval's own tasks use, and passes the already-loaded model to lm-eval (HFLM). acc and acc_norm are
+therefore lm-eval's definitions, not aird's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from aird.core.env import default_data_dir
+from aird.core.errors import AirdError
+from aird.core.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    name: str
+    file: str
+    text: str
+    choice: str
+    target: str
+    metrics: tuple[str, ...] = ("acc", "acc_norm")
+
+
+QA = "{{query.strip()}}\nAnswer:"
+TASKS: dict[str, ZeroShotTask] = {t.name: t for t in (
+    ZeroShotTask("arc_easy", "arc_easy/arc_easy.jsonl", QA, "{{choices}}", "{{gold}}"),
+    ZeroShotTask("arc_challenge", "arc_challenge/arc_challenge.jsonl", QA, "{{choices}}", "{{gold}}"),
+    ZeroShotTask("hellaswag", "hellaswag/hellaswag_val.jsonl", "{{query}}", "{{endings}}", "{{label}}"),
+    ZeroShotTask("piqa", "piqa/piqa.jsonl", QA, "{{choices}}", "{{gold}}"),
+    ZeroShotTask("boolq", "boolq/boolq.jsonl", QA, "{{choices}}", "{{gold}}", ("acc",)),
+    ZeroShotTask("winogrande", "winogrande/winogrande.jsonl", "!function utils.wino_text", "!function utils.wino_choice",
+                 "!function utils.wino_target", ("acc",)),
+    ZeroShotTask("openbookqa", "openbookqa/openbook_qa.jsonl", "{{query}}", "{{choices}}", "{{gold}}"),
+    ZeroShotTask("rte", "rte/val.jsonl", "{{premise}}\nQuestion: {{hypothesis}} True or False?\nAnswer:",
+                 '["True", "False"]', "{{0 if label == 'entailment' else 1}}", ("acc",)),
+)}
+
+# WinoGrande is scored by partial evaluation, as in lm-eval: the choices are the two contexts (sentence up to
+# the blank, filled with each option) and the target is the continuation after the blank.
+UTILS = '''def wino_text(doc):
+    return int(doc["gold"])
+
+
+def wino_target(doc):
+    return doc["continuation"]
+
+
+def wino_choice(doc):
+    return list(doc["context_options"])
+'''
+
+
+def _yaml_value(v: str) -> str:
+    if v.startswith("!function") or v.startswith("["):
+        return v
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def write_task_configs(folder: Path, tasks: list[str], data_dir: str | None) -> list[str]:
+    """lm-eval task YAMLs (names prefixed aird_) pointing at the local files; returns the task names."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "utils.py").write_text(UTILS)
+    names = []
+    for name in tasks:
+        t = TASKS.get(name)
+        if t is None:
+            raise AirdError(f"unknown zero-shot task {name!r}; known: {', '.join(TASKS)}.")
+        path = root / t.file if root else None
+        if path is None or not path.is_file():
+            raise AirdError(f"zero-shot task {name}: data not found (looked at {path or 'no data directory'}).")
+        metrics = "\n".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in t.metrics)
+        (folder / f"aird_{name}.yaml").write_text(
+            f"task: aird_{name}\n"
+            f"dataset_path: json\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {path}\n"
+            f"test_split: test\n"
+            f"output_type: multiple_choice\n"
+            f"doc_to_text: {_yaml_value(t.text)}\n"
+            f"doc_to_choice: {_yaml_value(t.choice)}\n"
+            f"doc_to_target: {_yaml_value(t.target)}\n"
+            f"metric_list:\n{metrics}\n"
+        )
+        names.append(f"aird_{name}")
+    return names
+
+
+def run_zero_shot(lm: LoadedModel, tasks: list[str], folder: Path, data_dir: str | None, limit: int | None,
+                  batch_size: int = 8, model_for_lm_eval=None) -> dict[str, dict]:
+    """Accuracy per task: {task: {"acc": .., "acc_norm": .., "n": ..}}. ``model_for_lm_eval`` replaces the
+    loaded model with what lm-eval should load itself (a path), for checking aird against lm-eval direct."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise AirdError("the zero-shot tasks need lm-evaluation-harness: pip install 'aird[eval]'.") from None
+    names = write_task_configs(folder, tasks, data_dir)
+    if model_for_lm_eval is None:
+        model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, device=str(lm.device))
+    else:
+        model = HFLM(pretrained=str(model_for_lm_eval), tokenizer=lm.tokenizer, batch_size=batch_size, device="cpu")
+    res = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=0, limit=limit,
+                                  task_manager=TaskManager(include_path=str(folder)), log_samples=False,
+                                  bootstrap_iters=0)
+    out = {}
+    for name, task in zip(tasks, names):
+        r = res["results"][task]
+        out[name] = {m: r.get(f"{m},none") for m in TASKS[name].metrics}
+        out[name]["n"] = res.get("n-samples", {}).get(task, {}).get("effective")
+    return out

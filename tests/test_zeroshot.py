@@ -1,0 +1,66 @@
+"""Zero-shot tasks through lm-eval on local files: aird's wrapper (the loaded model handed to lm-eval) agrees
+with lm-eval loading the same model itself, and with log-likelihoods computed by hand."""
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from aird.core.loading import load_model
+from aird.core.zeroshot import TASKS, run_zero_shot, write_task_configs
+
+pytest.importorskip("lm_eval")
+
+
+def _tiny_tasks(data):
+    qs = tiny.instructions(tiny.HARMLESS_ACTS)[:12]
+    arc = [{"query": f"Question: {q}?", "choices": ["Sure", "I", "a way"], "gold": i % 3} for i, q in enumerate(qs)]
+    (data / "arc_easy").mkdir(exist_ok=True)
+    (data / "arc_easy" / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc))
+    wino = [{"context_options": [f"Tell me how to {a}", f"Explain how to {a}"], "continuation": "is the best way",
+             "gold": i % 2} for i, a in enumerate(tiny.HARMLESS_ACTS[:8])]
+    (data / "winogrande").mkdir(exist_ok=True)
+    (data / "winogrande" / "winogrande.jsonl").write_text("".join(json.dumps(r) + "\n" for r in wino))
+    return arc, wino
+
+
+def test_task_configs_cover_the_eight_tasks(tmp_path):
+    assert set(TASKS) == {"arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa", "rte"}
+
+
+def test_aird_zero_shot_equals_lm_eval_direct_and_hand_computation(refusing, tmp_path):
+    model_dir, data = refusing
+    arc, wino = _tiny_tasks(data)
+    lm = load_model(str(model_dir), device="cpu")
+    ours = run_zero_shot(lm, ["arc_easy", "winogrande"], tmp_path / "t1", str(data), limit=None)
+    direct = run_zero_shot(lm, ["arc_easy", "winogrande"], tmp_path / "t2", str(data), limit=None,
+                           model_for_lm_eval=model_dir)
+    assert ours == direct
+    assert ours["arc_easy"]["n"] == 12
+
+    # by hand: the choice with the highest summed log-likelihood after "query\nAnswer:" + " " + choice
+    tok = lm.tokenizer
+
+    def loglik(context, continuation):
+        ctx = tok(context, add_special_tokens=False)["input_ids"]
+        full = tok(context + continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(input_ids=torch.tensor([full])).logits[0].double(), -1)
+        return sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+
+    correct = [max(range(3), key=lambda c: loglik(f"{r['query']}\nAnswer:", " " + r["choices"][c])) == r["gold"]
+               for r in arc]
+    assert ours["arc_easy"]["acc"] == pytest.approx(sum(correct) / len(correct))
+    wcorrect = [max(range(2), key=lambda c: loglik(r["context_options"][c], " " + r["continuation"])) == r["gold"]
+                for r in wino]
+    assert ours["winogrande"]["acc"] == pytest.approx(sum(wcorrect) / len(wcorrect))
+
+
+def test_missing_task_file_is_a_clear_error(tmp_path):
+    from aird.core.errors import AirdError
+
+    with pytest.raises(AirdError, match="data not found"):
+        write_task_configs(tmp_path / "t", ["boolq"], str(tmp_path))
+    with pytest.raises(AirdError, match="unknown zero-shot task"):
+        write_task_configs(tmp_path / "t", ["mmlu"], str(tmp_path))
