@@ -366,6 +366,9 @@ def eval_cmd(
                                      "openbookqa", "rte"], "--task", help="Zero-shot tasks (utility suite)."),
     harmful: list[str] = typer.Option(list(("advbench", "jailbreakbench")), help="Harmful sets (ASR)."),
     benign: list[str] = typer.Option(list(("jailbreakbench_benign", "alpaca")), help="Benign sets (over-refusal)."),
+    jailbreaks: list[str] = typer.Option([], "--jailbreak", help="Jailbreak sets, each reported as its own attack: "
+                                         "jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild."),
+    wild_templates: int = typer.Option(5, help="In-the-wild templates sampled for --jailbreak wild."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompt file: CSV, JSON or JSONL."),
     prompts_as: str = typer.Option("harmful", "--as", help="Score --prompts as harmful (ASR) or benign (over-refusal)."),
     column: Optional[str] = typer.Option(None, help="Text column of --prompts."),
@@ -396,7 +399,8 @@ def eval_cmd(
             raise AirdError(f"--suite must be safety, utility or all, not {suite!r}.")
         get("scorer", scorer)
         set_threads(threads)
-        cfg = EvalConfig(harmful=list(harmful), benign=list(benign), prompts_file=str(prompts) if prompts else None,
+        cfg = EvalConfig(harmful=list(harmful), benign=list(benign), jailbreaks=list(jailbreaks),
+                         wild_templates=wild_templates, prompts_file=str(prompts) if prompts else None,
                          prompts_as=prompts_as, column=column, category_column=category_column, limit=limit,
                          max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),

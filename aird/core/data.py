@@ -128,6 +128,49 @@ SETS: dict[str, PromptSet] = {
 }
 
 
+# ---- jailbreaks ---------------------------------------------------------------------------------------
+
+# JailbreakBench's published attack artifacts: one prompt per behaviour, already wrapped by the attack.
+JAILBREAK_ARTIFACTS = {
+    "jbb_gcg": ("GCG transfer suffixes", "jailbreakbench/artifacts/GCG/transfer/gpt-3.5-turbo-1106.json"),
+    "jbb_pair": ("PAIR prompts", "jailbreakbench/artifacts/PAIR/black_box/vicuna-13b-v1.5.json"),
+    "jbb_aim": ("AIM template (jailbreakchat)", "jailbreakbench/artifacts/JBC/manual/vicuna-13b-v1.5.json"),
+    "jbb_random_search": ("prompt with random search", "jailbreakbench/artifacts/prompt_with_random_search/black_box/vicuna-13b-v1.5.json"),
+}
+WILD_TEMPLATES = "jailbreak_llms/jailbreak_prompts_2023_12_25.csv"
+PLACEHOLDER = "[INSERT PROMPT HERE]"
+
+
+def load_jailbreak(name: str, data_dir: str | Path | None = None, n_templates: int = 5, seed: int = 42,
+                   goals: list[Prompt] | None = None) -> list[Prompt]:
+    """A jailbreak set: a JailbreakBench artifact (``jbb_gcg``, ``jbb_pair``, ``jbb_aim``,
+    ``jbb_random_search``) or ``wild``: ``n_templates`` seeded in-the-wild templates (those with the
+    [INSERT PROMPT HERE] slot) each filled with every goal (default: the JailbreakBench behaviours)."""
+    root = resolve_data_dir(data_dir)
+    if name in JAILBREAK_ARTIFACTS:
+        rel = JAILBREAK_ARTIFACTS[name][1]
+        path = root / rel if root else None
+        if path is None or not path.is_file():
+            raise DataNotFound(f"jailbreak set {name!r} not found: looked at {path or 'no data directory'}.")
+        rows = _rows_json(path)
+        out = [Prompt(r["prompt"], r.get("category"), name) for r in rows if isinstance(r, dict) and r.get("prompt")]
+        if not out:
+            raise DataNotFound(f"{path} holds no jailbreak prompts.")
+        return out
+    if name == "wild":
+        path = root / WILD_TEMPLATES if root else None
+        if path is None or not path.is_file():
+            raise DataNotFound(f"in-the-wild jailbreak templates not found: looked at {path or 'no data directory'}.")
+        templates = [r["prompt"] for r in _rows_csv(path) if PLACEHOLDER in (r.get("prompt") or "")]
+        if not templates:
+            raise DataNotFound(f"{path} holds no template with the {PLACEHOLDER} slot.")
+        chosen = sample([Prompt(t) for t in templates], n_templates, seed)
+        goals = goals if goals is not None else load_set("jailbreakbench", data_dir)
+        return [Prompt(t.instruction.replace(PLACEHOLDER, g.instruction), g.category, f"wild#{k}")
+                for k, t in enumerate(chosen) for g in goals]
+    raise DataNotFound(f"unknown jailbreak set {name!r}; known: {', '.join([*JAILBREAK_ARTIFACTS, 'wild'])}.")
+
+
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return Path(data_dir).expanduser() if data_dir else default_data_dir()
 

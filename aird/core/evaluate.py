@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aird.core import plugins
 from aird.core.artifacts import Run, append_jsonl, check_resumable, read_jsonl, write_jsonl
-from aird.core.data import Prompt, load_prompt_file, load_set, sample
+from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample
 from aird.core.directions import refusal_scores
 from aird.core.errors import AirdError
 from aird.core.generate import generate
@@ -31,6 +31,8 @@ NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads")
 class EvalConfig:
     harmful: list[str] = field(default_factory=lambda: list(HARMFUL_SETS))
     benign: list[str] = field(default_factory=lambda: list(BENIGN_SETS))
+    jailbreaks: list[str] = field(default_factory=list)   # jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild
+    wild_templates: int = 5
     prompts_file: str | None = None
     prompts_as: str = "harmful"
     column: str | None = None
@@ -55,6 +57,8 @@ def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
     out = []
     for name in cfg.harmful:
         out.append((name, "harmful", load_set(name, cfg.data_dir)))
+    for name in cfg.jailbreaks:
+        out.append((name, "harmful", load_jailbreak(name, cfg.data_dir, cfg.wild_templates, cfg.seed)))
     for name in cfg.benign:
         prompts = load_set(name, cfg.data_dir)
         if name == "alpaca":
