@@ -11,7 +11,7 @@ import datetime as dt
 import time
 from pathlib import Path
 
-from bench_probe import machine
+from bench_probe import machine, record_row
 
 from aird.core.data import load_set, sample
 from aird.core.env import set_threads
@@ -42,10 +42,7 @@ def main() -> None:
            f"--max-new-tokens {args.max_new_tokens} --batch-size {args.batch_size}` | "
            f"{res['batched'][0]:.1f} | {res['one at a time'][0]:.1f} | {res['batched'][0] / res['one at a time'][0]:.2f}× | "
            f"{machine()} |")
-    print(row)
-    if args.record:
-        with open(args.record, "a") as fh:
-            fh.write(row + "\n")
+    record_row(row, args.record)
 
 
 if __name__ == "__main__":

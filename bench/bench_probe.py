@@ -36,6 +36,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def record_row(row: str, path: Path | None) -> None:
+    """Print a Markdown table row and append it to ``path`` when given."""
+    print(row)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(row + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
@@ -60,10 +68,7 @@ def main() -> None:
            f"{tm.get('baseline', 0):.0f} | {tm.get('ranking', 0):.0f} | {tm.get('scoring', 0):.0f} | "
            f"{s['n_scored']}/{s['n_candidates']} | L{s['source']['layer']} pos {s['source']['position']} | "
            f"{peak_mb:.0f} | {machine()} |")
-    print(row)
-    if args.record:
-        with open(args.record, "a") as fh:
-            fh.write(row + "\n")
+    record_row(row, args.record)
 
 
 if __name__ == "__main__":
