@@ -24,6 +24,11 @@ models_app = typer.Typer(help="The named models aird installs from the package i
 app.add_typer(models_app, name="models")
 
 JSON_OPT = typer.Option(False, "--json", help="Print JSONL records on stdout (the default when stdout is piped).")
+DATA_DIR_OPT = typer.Option(None, envvar="AIRD_DATA_DIR", help="Data directory [default: ../shared/data].")
+DEVICE_OPT = typer.Option("auto", help="auto (CUDA when present), cpu or cuda.")
+DTYPE_OPT = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16.")
+THREADS_OPT = typer.Option(None, help="CPU threads [default: all cores].")
+TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow code from the model's hub repository.")
 
 
 @contextmanager
@@ -130,11 +135,11 @@ def probe_cmd(
     kl_threshold: float = typer.Option(0.1, help="Maximum KL on harmless prompts under ablation."),
     method: str = typer.Option("diff-in-means", help="Probe plugin (see `aird plugins`)."),
     system_prompt: Optional[str] = typer.Option(None, help="System prompt [default: the chat template's own]."),
-    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR", help="Data directory."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads [default: all cores]."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    data_dir: Optional[Path] = DATA_DIR_OPT,
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    threads: Optional[int] = THREADS_OPT,
+    trust_remote_code: bool = TRUST_OPT,
     force: bool = typer.Option(False, "--force", help="Overwrite the artifacts in --out."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -179,11 +184,11 @@ def compress_cmd(
     calib_samples: int = typer.Option(64, help="Calibration samples."),
     calib_seq_len: int = typer.Option(512, help="Maximum tokens per calibration sample."),
     seed: int = typer.Option(42),
-    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR", help="Data directory."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads [default: all cores]."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    data_dir: Optional[Path] = DATA_DIR_OPT,
+    device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
+    threads: Optional[int] = THREADS_OPT,
+    trust_remote_code: bool = TRUST_OPT,
     force: bool = typer.Option(False, "--force", help="Replace the model in --out."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -247,8 +252,8 @@ def diff_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: COMPRESSED/diff]."),
     score: bool = typer.Option(True, "--score/--no-score",
                                help="Also score the original direction inside the compressed model (loads it)."),
-    device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(None),
+    device: str = DEVICE_OPT,
+    threads: Optional[int] = THREADS_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -301,9 +306,9 @@ def repair_cmd(
     compressed_probe: Optional[Path] = typer.Option(None, help="Probe folder of the compressed model (its source layer)."),
     guard: float = typer.Option(0.02, help="Allowed rise of the harmless refusal rate."),
     batch_size: int = typer.Option(16),
-    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR"),
-    device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DATA_DIR_OPT,
+    device: str = DEVICE_OPT,
+    threads: Optional[int] = THREADS_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -379,9 +384,9 @@ def eval_cmd(
     ppl_ctx_len: int = typer.Option(1024),
     batch_size: int = typer.Option(16),
     seed: int = typer.Option(42),
-    data_dir: Optional[Path] = typer.Option(None, envvar="AIRD_DATA_DIR"),
-    device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(None),
+    data_dir: Optional[Path] = DATA_DIR_OPT,
+    device: str = DEVICE_OPT,
+    threads: Optional[int] = THREADS_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
 ) -> None:
