@@ -86,8 +86,17 @@ def test_default_model_compression(tmp_path, method, options, check):
     if check == "sparsity":
         assert s["sparsity"] == pytest.approx(0.5, abs=0.01)
     elif check == "nm":
-        for w in weights.values():
-            assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
+        # at most 2 non-zeros in every group of 4 along the input dimension; exactly 2 zeros, except in the
+        # groups where the dequantized GGUF already had more than 2 exact zeros
+        from aird.core import registry
+        from aird.core.loading import converted_dir
+
+        original = load_file(str(converted_dir(registry.lookup("default")) / "model.safetensors"))
+        assert s["nm_compliant"] is True
+        for name, w in weights.items():
+            zeros = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)
+            before = (original[name].reshape(w.shape[0], -1, 4) == 0).sum(-1)
+            assert (zeros == torch.clamp(before, min=2)).all(), name
     else:
         assert s["bits"] <= 4 and all(max_distinct_per_group(w, 128) <= 16 for w in weights.values())
     # embeddings and lm_head are left as they were (the dequantized GGUF already has some exact zeros there)
