@@ -45,14 +45,14 @@ def plot_probe(path: Path, n_layers: int, positions: list[int], scored: list[dic
     base = summary["baseline"]
     axes[0].axhline(base["harmful_refusal_score"], color="grey", ls=":", lw=1, label="harmful baseline")
     axes[1].axhline(base["harmless_refusal_score"], color="grey", ls=":", lw=1, label="harmless baseline")
-    axes[0].set_title("bypass score (refusal score, harmful, direction ablated)\ndashed: attribution proxy")
-    axes[1].set_title("induce score (refusal score, harmless, direction added)")
+    axes[0].set_title("bypass: harmful prompts, direction ablated\n(dashed: attribution proxy)", fontsize=10)
+    axes[1].set_title("induce: harmless prompts, direction added", fontsize=10)
     for ax in axes:
         ax.set_xlabel("source layer")
         ax.set_xlim(-0.5, n_layers - 0.5)
         ax.axhline(0, color="black", lw=0.5)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{summary['model']}: chosen layer {src['layer']}, position {src['position']}")
+    fig.suptitle(f"{summary['model']}: chosen layer {src['layer']}, position {src['position']} (refusal scores)", y=1.03)
     _save(fig, path)
     plt.close(fig)
 
