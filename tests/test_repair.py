@@ -133,3 +133,24 @@ def test_repair_fixed_choices_and_bad_input(study, tmp_path):
         run_repair(lm, root / "probe-orig", RepairConfig(layer=99, data_dir=str(data)), tmp_path / "x")
     with pytest.raises(AirdError, match="--alpha must be a number or auto"):
         run_repair(lm, root / "probe-orig", RepairConfig(alpha="lots", data_dir=str(data)), tmp_path / "x")
+
+
+def test_alpha_choice_never_takes_an_over_refusing_edit(study, tmp_path, monkeypatch):
+    """When every α breaks the over-refusal guard, the mildest edit is taken and the target is flagged."""
+    from aird.core import repair as rmod
+
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    real = rmod._Evaluator.rates
+
+    def rates(self, layer):
+        r = real(self, layer)
+        r["harmless_refusal_rate"] = 1.0 if rates.calls else r["harmless_refusal_rate"]
+        rates.calls += 1
+        return r
+
+    rates.calls = 0
+    monkeypatch.setattr(rmod._Evaluator, "rates", rates)
+    s = run_repair(lm, root / "probe-orig", RepairConfig(data_dir=str(data)), tmp_path / "g")
+    assert s["validation"]["target_reached"] is False
+    assert s["alpha"] == min(rmod.ALPHA_GRID)

@@ -182,10 +182,13 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     if ok:
         best = min(ok, key=lambda t: (t["alpha"], -t["harmful_refusal_rate"]))
     else:
-        guarded = [t for t in trials if t["within_guard"]] or trials
-        best = max(guarded, key=lambda t: (t["harmful_refusal_rate"], -t["alpha"]))
+        guarded = [t for t in trials if t["within_guard"]]
+        if guarded:  # the most refusal the guard allows
+            best = max(guarded, key=lambda t: (t["harmful_refusal_rate"], -t["alpha"]))
+        else:        # every trial over-refuses: the mildest edit, never the one that refuses everything
+            best = min(trials, key=lambda t: (t["alpha"], t["harmless_refusal_rate"]))
         rep.note("no α reached the original harmful refusal rate within the over-refusal guard; "
-                 f"taking the best one (layer {best['layer']}, α {best['alpha']})")
+                 f"taking layer {best['layer']}, α {best['alpha']} (flagged: target_reached false)")
     mats = _targets(lm, best["layer"], which)
     _apply(repair, mats, unit, best["alpha"])
     with sw("save"):
