@@ -58,7 +58,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # ---- plugins ----------------------------------------------------------------------------------------------
 @app.command("plugins")
 def plugins_cmd(json_out: bool = JSON_OPT) -> None:
-    """List every registered compressor, probe and scorer plugin, and any plugin that failed to load."""
+    """List every registered compressor, probe, scorer and repair plugin, and any plugin that failed to load."""
     from aird.core.plugins import registry
 
     with user_errors():
