@@ -71,6 +71,12 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+def _linear_input_dims(lm: LoadedModel) -> list[int]:
+    """The input widths of the decoder layers' linear layers (what group sizes and N:M must divide)."""
+    return sorted({mod.in_features for layer in lm.adapter.layers(lm.model)
+                   for mod in layer.modules() if isinstance(mod, torch.nn.Linear)})
+
+
 def resolve_params(plugin, given: dict, lm: LoadedModel) -> dict:
     """Fill the plugin's defaults, refuse options it does not take, validate the values against the model."""
     accepted = dict(getattr(plugin, "params", {}))
@@ -97,15 +103,11 @@ def resolve_params(plugin, given: dict, lm: LoadedModel) -> dict:
         g = params["group_size"]
         if g <= 0:
             raise AirdError("group size must be positive.")
-        dims = sorted({mod.in_features for layer in lm.adapter.layers(lm.model)
-                       for mod in layer.modules() if isinstance(mod, torch.nn.Linear)})
-        bad = [d for d in dims if d % g]
+        bad = [d for d in _linear_input_dims(lm) if d % g]
         if bad:
             raise AirdError(f"group size {g} does not divide the input dimension {bad[0]} of the model's linear layers.")
     if nm is not None:
-        dims = sorted({mod.in_features for layer in lm.adapter.layers(lm.model)
-                       for mod in layer.modules() if isinstance(mod, torch.nn.Linear)})
-        bad = [d for d in dims if d % nm[1]]
+        bad = [d for d in _linear_input_dims(lm) if d % nm[1]]
         if bad:
             raise AirdError(f"pattern {params['pattern']}: M={nm[1]} does not divide the input dimension {bad[0]}.")
     return params

@@ -98,8 +98,8 @@ def prepare_validation(lm: LoadedModel, cfg: ProbeConfig, sets: PromptSets, refu
     refuses, harmless ones it answers), and everything the candidate scoring needs: the ablation batches,
     the harmless residuals at every layer (for the induce score) and the harmless baseline logits (for KL)."""
     rep = rep or Reporter()
-    hv = _formatted(lm, sets.harmful_val, cfg.system_prompt)
-    bv = _formatted(lm, sets.harmless_val, cfg.system_prompt)
+    hv = format_prompts(lm, sets.harmful_val, cfg.system_prompt)
+    bv = format_prompts(lm, sets.harmless_val, cfg.system_prompt)
     with rep.stage("baseline (validation prompts)", len(hv) + len(bv)) as advance:
         base = last_logits(lm, make_batches(lm, hv + bv, cfg.batch_size), progress=advance)
     base_scores = refusal_scores(base, refusal_ids)
@@ -150,7 +150,7 @@ class ProbeResult:
     resumed: bool = False
 
 
-def _formatted(lm: LoadedModel, prompts: list[Prompt], system: str | None) -> list[str]:
+def format_prompts(lm: LoadedModel, prompts: list[Prompt], system: str | None) -> list[str]:
     return [lm.adapter.format(lm.tokenizer, p.instruction, system) for p in prompts]
 
 
@@ -210,7 +210,7 @@ def run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False,
         rep.note("reusing candidate directions from a previous run")
     else:
         with sw("activations"):
-            texts = _formatted(lm, sets.harmful_train, cfg.system_prompt) + _formatted(lm, sets.harmless_train, cfg.system_prompt)
+            texts = format_prompts(lm, sets.harmful_train, cfg.system_prompt) + format_prompts(lm, sets.harmless_train, cfg.system_prompt)
             batches = make_batches(lm, texts, cfg.batch_size)
             acts = None
             store: dict[int, torch.Tensor] = {}

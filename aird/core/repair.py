@@ -31,7 +31,7 @@ from aird.core.errors import AirdError
 from aird.core.forward import make_batches, run_model
 from aird.core.loading import LoadedModel, save_model_folder
 from aird.core.measure import decoder_linear_weights, summarize
-from aird.core.probe import _formatted, config_from_record, load_prompt_sets
+from aird.core.probe import format_prompts, config_from_record, load_prompt_sets
 from aird.core.progress import Reporter
 
 REPAIR_JSONL = "repair.jsonl"
@@ -154,8 +154,8 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     if cfg.data_dir:
         pcfg.data_dir = cfg.data_dir
     sets = load_prompt_sets(pcfg)
-    harmful = _formatted(lm, sets.harmful_val, pcfg.system_prompt)
-    harmless = _formatted(lm, sets.harmless_val, pcfg.system_prompt)
+    harmful = format_prompts(lm, sets.harmful_val, pcfg.system_prompt)
+    harmless = format_prompts(lm, sets.harmless_val, pcfg.system_prompt)
     original = {"harmful_refusal_rate": ref.summary["baseline"]["harmful_refused_share"],
                 "harmless_refusal_rate": ref.summary["baseline"]["harmless_refused_share"]}
     before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
