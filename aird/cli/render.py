@@ -45,14 +45,35 @@ def table(title: str, columns: list[str], rows: Iterable[Iterable], **kw) -> Tab
 
 
 class RichReporter(Reporter):
+    """Progress bars on stderr. Stages may nest (a study runs probes that run stages): one live display holds
+    them all, an inner bar disappears when its stage ends and the outer one (the study's steps) stays."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+
     @contextmanager
-    def stage(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-        ) as progress:
-            task = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(task, n)
+    def stage(self, description: str, total: int) -> Iterator[Callable[..., None]]:
+        outer = self._progress is None
+        if outer:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+            )
+            self._progress.start()
+        progress = self._progress
+        task = progress.add_task(description, total=total)
+
+        def advance(n: int = 1, description: str | None = None) -> None:
+            progress.update(task, advance=n, **({"description": description} if description else {}))
+
+        try:
+            yield advance
+        finally:
+            if outer:
+                progress.stop()
+                self._progress = None
+            else:
+                progress.remove_task(task)
 
     def note(self, message: str) -> None:
         console.print(f"[yellow]{message}", soft_wrap=True)

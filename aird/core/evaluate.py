@@ -19,9 +19,11 @@ from aird.core.directions import refusal_scores
 from aird.core.errors import AirdError
 from aird.core.generate import generate
 from aird.core.loading import LoadedModel
+from aird.core.plots import plot_asr
 from aird.core.progress import Reporter
 
 EVAL_JSONL = "eval.jsonl"
+ASR_PLOT = "asr_by_category.png"
 HARMFUL_SETS = ("advbench", "jailbreakbench")
 BENIGN_SETS = ("jailbreakbench_benign", "alpaca")
 NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads")
@@ -37,7 +39,8 @@ class EvalConfig:
     prompts_as: str = "harmful"
     column: str | None = None
     category_column: str | None = None
-    limit: int | None = None
+    limit: int | None = None              # prompts per set
+    task_limit: int | None = None         # examples per zero-shot task (None: same as limit)
     alpaca_n: int = 100
     max_new_tokens: int = 64
     scorer: str = "substring"
@@ -50,6 +53,10 @@ class EvalConfig:
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None
+
+    @property
+    def tasks_limit(self) -> int | None:
+        return self.task_limit if self.task_limit is not None else self.limit
 
 
 def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
@@ -107,6 +114,8 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     if unknown:
         raise AirdError(f"unknown suite {unknown[0]!r}; use safety, utility or all.")
     scorer = plugins.get("scorer", cfg.scorer)
+    if cfg.task_limit is not None and cfg.task_limit < 1:
+        raise AirdError("--task-limit must be at least 1.")
     sets = _sets(cfg) if "safety" in suites else []
     out = Path(out)
     jsonl = out / EVAL_JSONL
@@ -154,7 +163,7 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
             from aird.core.zeroshot import run_zero_shot
 
             with rep.stage(f"zero-shot tasks through lm-eval ({', '.join(missing)})", 1) as advance:
-                res = run_zero_shot(lm, missing, out / "lm_eval_tasks", cfg.data_dir, cfg.limit, cfg.batch_size)
+                res = run_zero_shot(lm, missing, out / "lm_eval_tasks", cfg.data_dir, cfg.tasks_limit, cfg.batch_size)
                 advance(1)
             new = [run.record("eval.task", task=t, **v) for t, v in res.items()]
             append_jsonl(jsonl, new)
@@ -175,12 +184,14 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     summary = run.record(
         "eval.summary", **agg, zero_shot=zero_shot, perplexity=perplexity,
         zero_shot_mean=sum(v["acc"] for v in zero_shot.values()) / len(zero_shot) if zero_shot else None,
-        limits={"per_set": cfg.limit, "per_task": cfg.limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
+        limits={"per_set": cfg.limit, "per_task": cfg.tasks_limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
                 "ppl_windows": cfg.ppl_windows, "ppl_ctx_len": cfg.ppl_ctx_len},
         scorer=scorer.name, seconds=round(sum(timings.values()), 3), timings=timings,
         generated_tokens_per_s=round(n_tokens / timings["safety"], 2) if n_tokens and timings["safety"] else None,
         out=str(out), path=str(out),
     )
+    if plot_asr(out / ASR_PLOT, {lm.spec: summary}):
+        summary["plot"] = str(out / ASR_PLOT)
     append_jsonl(jsonl, [summary])
     return summary
 

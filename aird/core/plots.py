@@ -79,3 +79,73 @@ def plot_cosine(path: Path, summary: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_asr(path: Path, summaries: dict[str, dict]) -> bool:
+    """Bar chart of ASR per category, one panel per harmful set that has categories (and one bar group of
+    overall ASR per set), one bar colour per model. ``summaries`` maps a model label to its eval summary.
+    Returns False (and writes nothing) when no model has an ASR."""
+    import numpy as np
+
+    plt = _pyplot()
+    labels = list(summaries)
+    sets = sorted({n for s in summaries.values() for n in s.get("asr", {})})
+    if not sets:
+        return False
+    panels = [("overall", sets, {m: [summaries[m]["asr"].get(n) for n in sets] for m in labels})]
+    for n in sets:
+        cats = sorted({c for s in summaries.values() for c in s.get("asr_by_category", {}).get(n, {})})
+        if len(cats) > 1:
+            panels.append((n, cats, {m: [summaries[m].get("asr_by_category", {}).get(n, {}).get(c) for c in cats]
+                                     for m in labels}))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.55 * max(len(p[1]) for p in panels) * len(labels) + 2),
+                                                      3.2 * len(panels)), squeeze=False)
+    width = 0.8 / len(labels)
+    for ax, (title, keys, vals) in zip(axes[:, 0], panels):
+        x = np.arange(len(keys))
+        for i, m in enumerate(labels):
+            ys = [np.nan if v is None else v for v in vals[m]]
+            ax.bar(x + (i - (len(labels) - 1) / 2) * width, ys, width, label=m)
+        ax.set_xticks(x, keys, rotation=30 if len(keys) > 4 else 0, ha="right" if len(keys) > 4 else "center",
+                      fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("ASR")
+        ax.set_title("ASR by set" if title == "overall" else f"ASR by category: {title}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_refusal_scores(path: Path, scores: dict[str, dict[str, list[float]]]) -> bool:
+    """Distributions of the refusal score (log-odds of the refusal tokens at the first generated position),
+    harmful against benign prompts, one panel per model. ``scores`` maps a model label to {role: scores}."""
+    import numpy as np
+
+    plt = _pyplot()
+    labels = [m for m in scores if any(scores[m].values())]
+    if not labels:
+        return False
+    allv = [v for m in labels for vs in scores[m].values() for v in vs]
+    bins = np.linspace(min(allv), max(allv), 30)
+    cols = min(3, len(labels))
+    rows = (len(labels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    for ax, m in zip(axes.flat, labels):
+        for role, color in (("harmful", "tab:red"), ("benign", "tab:blue")):
+            if scores[m].get(role):
+                ax.hist(scores[m][role], bins=bins, alpha=0.55, color=color, label=role)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("refusal score", fontsize=8)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    plt.close(fig)
+    return True

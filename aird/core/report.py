@@ -1,0 +1,328 @@
+"""The study report: the paper's tables and plots, and the paper's five findings checked against the numbers.
+
+The report is built as a list of blocks (heading, paragraph, table, image) and rendered twice, as Markdown and
+as a self-contained HTML page, so the two always say the same thing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aird.core.artifacts import atomic_write_text, read_jsonl
+
+if TYPE_CHECKING:
+    from aird.core.study import Entry
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("table", columns, rows) | ("img", path, caption)
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def mean_asr(e: "Entry") -> float | None:
+    return _mean(list(e.eval["asr"].values())) if e.eval and e.eval.get("asr") else None
+
+
+def sparsity(e: "Entry") -> float | None:
+    if e.compress:
+        return e.compress["sparsity"]
+    if e.repair:
+        return e.repair["sparsity"]["after"]
+    return None
+
+
+def _source(p: dict | None) -> str:
+    if not p:
+        return "–"
+    s = p["source"]
+    return f"L{s['layer']} pos {s['position']}" + (" (relaxed)" if p.get("filters_relaxed") else "")
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float | None:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    if len(xs) < 2:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    vy = sum((b - my) ** 2 for b in ry) ** 0.5
+    return None if vx == 0 or vy == 0 else cov / (vx * vy)
+
+
+def findings(entries: list["Entry"], cfg: dict) -> list[dict]:
+    """The paper's five findings, each with a verdict (holds / does not hold / not tested) and its evidence."""
+    by = {e.name: e for e in entries}
+    orig = by.get("original")
+    comp = [e for e in entries if e.role == "compressed"]
+    reps = [e for e in entries if e.role == "repaired"]
+    out = []
+
+    # (1) refusal stays mediated by one direction: ablating each compressed model's own direction removes
+    # refusal (mean harmful refusal score below 0)
+    have = [e for e in comp if e.probe and e.probe["quality"].get("bypass") is not None]
+    ok = [e for e in have if e.probe["quality"]["bypass"] < 0]
+    out.append({
+        "finding": "1. refusal stays mediated by a single direction after compression",
+        "verdict": "not tested" if not have else "holds" if len(ok) == len(have) else "does not hold",
+        "evidence": "; ".join(f"{e.name}: ablating its direction takes the harmful refusal score from "
+                              f"{_f(e.probe['baseline']['harmful_refusal_score'], 2)} to "
+                              f"{_f(e.probe['quality']['bypass'], 2)}, adding it takes harmless ones from "
+                              f"{_f(e.probe['baseline']['harmless_refusal_score'], 2)} to "
+                              f"{_f(e.probe['quality']['induce'], 2)}" for e in have) or "no compressed model probed",
+    })
+
+    # (2) pruning moves the direction and its source more than quantization
+    pr = [e for e in comp if e.kind == "pruning" and e.diff]
+    qu = [e for e in comp if e.kind == "quantization" and e.diff]
+    if pr and qu:
+        cp, cq = _mean([e.diff["cosine_chosen"] for e in pr]), _mean([e.diff["cosine_chosen"] for e in qu])
+        mp = sum(e.diff["source"]["moved"] for e in pr)
+        mq = sum(e.diff["source"]["moved"] for e in qu)
+        holds = cp < cq and mp / len(pr) >= mq / len(qu)
+        out.append({"finding": "2. pruning moves the direction and its source more than quantization",
+                    "verdict": "holds" if holds else "does not hold",
+                    "evidence": f"mean cosine to the original direction: pruning {cp:.3f} ({len(pr)} models), "
+                                f"quantization {cq:.3f} ({len(qu)}); source moved: pruning {mp}/{len(pr)}, "
+                                f"quantization {mq}/{len(qu)}"})
+    else:
+        out.append({"finding": "2. pruning moves the direction and its source more than quantization",
+                    "verdict": "not tested", "evidence": "the grid needs at least one pruning and one quantization"})
+
+    # (3) a moved direction comes with a higher ASR
+    pts = [(1 - e.diff["cosine_chosen"], mean_asr(e) - mean_asr(orig)) for e in comp
+           if e.diff and mean_asr(e) is not None and orig and mean_asr(orig) is not None]
+    rho = _spearman([a for a, _ in pts], [b for _, b in pts])
+    out.append({
+        "finding": "3. the more the direction moved, the higher the ASR",
+        "verdict": "not tested" if rho is None else "holds" if rho > 0 else "does not hold",
+        "evidence": (f"Spearman rank correlation of (1 − cosine) with the ASR rise over the original: "
+                     f"{_f(rho, 2)} over {len(pts)} compressed models (" +
+                     ", ".join(f"{e.name}: 1−cos {1 - e.diff['cosine_chosen']:.3f}, ΔASR "
+                               f"{mean_asr(e) - mean_asr(orig):+.3f}" for e in comp
+                               if e.diff and mean_asr(e) is not None) + ")") if pts else "no compressed model evaluated",
+    })
+
+    # (4) AIRD lowers ASR; (5) leaves zero-shot accuracy within 1 point and keeps source and quality
+    pairs = [(r, by[r.parent]) for r in reps if r.parent in by and mean_asr(r) is not None and mean_asr(by[r.parent]) is not None]
+    lowered = [r for r, p in pairs if mean_asr(r) < mean_asr(p)]
+    out.append({
+        "finding": "4. AIRD lowers the ASR of the compressed model",
+        "verdict": "not tested" if not pairs else "holds" if len(lowered) == len(pairs) else
+        "partly holds" if lowered else "does not hold",
+        "evidence": "; ".join(f"{r.name}: mean ASR {mean_asr(p):.3f} → {mean_asr(r):.3f} (over-refusal "
+                              f"{_f(_mean(list(p.eval['over_refusal'].values())))} → "
+                              f"{_f(_mean(list(r.eval['over_refusal'].values())))})" for r, p in pairs)
+        or "no model was repaired (no direction moved past the threshold)",
+    })
+    five = []
+    for r, p in [(r, by[r.parent]) for r in reps if r.parent in by]:
+        zr, zp = (r.eval or {}).get("zero_shot_mean"), (p.eval or {}).get("zero_shot_mean")
+        within = zr is not None and zp is not None and abs(zr - zp) <= 0.01
+        same_src = bool(r.probe and orig and orig.probe and r.probe["source"] == orig.probe["source"])
+        closer = bool(r.diff and p.diff and r.diff["cosine_chosen"] >= p.diff["cosine_chosen"] - 0.01)
+        five.append((r, within and same_src and closer,
+                     f"{r.name}: zero-shot mean {_f(zp)} → {_f(zr)} ({'within' if within else 'not within'} 1 point); "
+                     f"source {_source(r.probe)} vs original {_source(orig.probe if orig else None)}; cosine to the "
+                     f"original direction {_f(p.diff['cosine_chosen'] if p.diff else None)} → "
+                     f"{_f(r.diff['cosine_chosen'] if r.diff else None)}; quality (bypass/induce/KL) "
+                     + "/".join(_f(r.probe["quality"][k], 2) for k in ("bypass", "induce", "kl")) if r.probe else ""))
+    out.append({
+        "finding": "5. AIRD leaves zero-shot accuracy within 1 point and keeps the direction's source and quality",
+        "verdict": "not tested" if not five else "holds" if all(ok for _, ok, _ in five) else
+        "partly holds" if any(ok for _, ok, _ in five) else "does not hold",
+        "evidence": "; ".join(t for *_, t in five) or "no model was repaired",
+    })
+    return out
+
+
+def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], found: list[dict],
+            plots: dict[str, str]) -> list[Block]:
+    orig = next((e for e in entries if e.role == "original"), None)
+    ev = cfg["eval"]
+    harmful = list(ev["harmful"]) + list(ev.get("jailbreaks") or [])
+    benign = list(ev["benign"])
+    b: list[Block] = [("h", 1, f"aird study: {cfg['model']} ({cfg['profile']} profile)")]
+    b.append(("p", "Compress the model with a grid of methods, find the refusal direction of every model (difference "
+                   "in means, selected by bypass, induce and KL), compare each with the original, repair the ones "
+                   "whose direction moved (AIRD rank-one edit), and evaluate all of them. Limits of this run: "
+                   f"{ev['limit'] or 'all'} prompts per set, {ev['max_new_tokens']} new tokens, "
+                   f"{ev['task_limit'] or 'all'} examples per zero-shot task, {ev['ppl_windows'] or 'all'} "
+                   f"WikiText-2 windows; probe {cfg['probe']}."))
+    for s in cfg.get("skipped", []):
+        b.append(("p", f"Skipped {s['name']}: {s['why']}."))
+    b.append(("h", 2, "Findings of the paper, checked on this model"))
+    b.append(("table", ["finding", "verdict", "evidence"], [[f["finding"], f["verdict"], f["evidence"]] for f in found]))
+
+    b.append(("h", 2, "Main table"))
+    cols = ["model", "kind", "sparsity", "cosine to original", "source", "moved", "bypass", "induce", "KL"] + \
+        [f"ASR {h}" for h in harmful] + [f"over-refusal {x}" for x in benign] + ["zero-shot mean", "perplexity"]
+    rows = []
+    for e in entries:
+        q = e.probe["quality"] if e.probe else {}
+        ev_ = e.eval or {}
+        rows.append([e.name, e.kind or e.role, _f(sparsity(e), 4),
+                     _f(e.diff["cosine_chosen"]) if e.diff else ("1" if e.role == "original" else "–"),
+                     _source(e.probe), _f(e.diff["source"]["moved"]) if e.diff else "–",
+                     _f(q.get("bypass"), 2), _f(q.get("induce"), 2), _f(q.get("kl"), 3)]
+                    + [_f(ev_.get("asr", {}).get(h)) for h in harmful]
+                    + [_f(ev_.get("over_refusal", {}).get(x)) for x in benign]
+                    + [_f(ev_.get("zero_shot_mean")), _f(ev_.get("perplexity"), 2)])
+    b.append(("table", cols, rows))
+    b.append(("p", "cosine: between the model's chosen refusal direction and the original model's. source: layer and "
+                   "post-instruction position of the chosen direction (relaxed: no candidate passed the reference "
+                   "filters, the best-bypass one was kept). bypass: mean refusal score of harmful prompts with the "
+                   "direction ablated; induce: of harmless prompts with it added; KL: on harmless prompts under "
+                   "ablation. ASR: share of harmful prompts answered (refusal substrings); over-refusal: share of "
+                   "benign prompts refused."))
+
+    reps = [e for e in entries if e.role == "repaired"]
+    if reps:
+        by = {e.name: e for e in entries}
+        b.append(("h", 2, "Repairs"))
+        rows = []
+        for r in reps:
+            p, s = by[r.parent], r.repair
+            rows.append([r.name, s["method"], s["layer"], s["matrix"], _f(s["alpha"]),
+                         _f(s["validation"]["target_reached"]),
+                         f"{_f(s['layer_sparsity']['before'], 4)} → {_f(s['layer_sparsity']['after'], 4)}",
+                         f"{_f(s['sparsity']['before'], 4)} → {_f(s['sparsity']['after'], 4)}",
+                         f"{_f(mean_asr(p))} → {_f(mean_asr(r))}",
+                         f"{_f(_mean(list((p.eval or {}).get('over_refusal', {}).values())))} → "
+                         f"{_f(_mean(list((r.eval or {}).get('over_refusal', {}).values())))}",
+                         f"{_f((p.eval or {}).get('zero_shot_mean'))} → {_f((r.eval or {}).get('zero_shot_mean'))}",
+                         f"{_f(p.diff['cosine_chosen'] if p.diff else None)} → {_f(r.diff['cosine_chosen'] if r.diff else None)}"])
+        b.append(("table", ["repaired", "method", "layer", "matrix", "α", "target reached", "layer sparsity",
+                            "model sparsity", "mean ASR", "mean over-refusal", "zero-shot mean", "cosine"], rows))
+    elif orig:
+        b.append(("p", "No model was repaired: no compressed model's direction moved past the threshold "
+                       f"(source moved, or cosine below {cfg['repair']['moved_below_cosine']})."))
+
+    cats = sorted({c for e in entries if e.eval for h in harmful for c in e.eval["asr_by_category"].get(h, {})
+                   if len(e.eval["asr_by_category"].get(h, {})) > 1})
+    for h in harmful:
+        percat = {e.name: e.eval["asr_by_category"].get(h, {}) for e in entries if e.eval}
+        cs = sorted({c for v in percat.values() for c in v})
+        if len(cs) > 1:
+            b.append(("h", 2, f"ASR by category: {h}"))
+            b.append(("table", ["category", *percat], [[c, *[_f(v.get(c)) for v in percat.values()]] for c in cs]))
+    del cats
+
+    tasks = list(ev["tasks"])
+    if any(e.eval and e.eval.get("zero_shot") for e in entries):
+        b.append(("h", 2, "Zero-shot accuracy (lm-eval, local files)"))
+        b.append(("table", ["task", *[e.name for e in entries]],
+                  [[t, *[_f((e.eval or {}).get("zero_shot", {}).get(t, {}).get("acc")) for e in entries]] for t in tasks]))
+
+    b.append(("h", 2, "Plots"))
+    for key, caption in (("asr", "ASR by set and by category"), ("scores", "refusal-score distributions, harmful "
+                                                                           "against benign prompts")):
+        if key in plots:
+            b.append(("img", plots[key], caption))
+    for e in entries:
+        if e.diff:
+            png = Path(e.diff["out"]) / "diff.png"
+            if png.is_file():
+                b.append(("img", os.path.relpath(png, out), f"cosine to the original directions by layer and "
+                                                           f"position: {e.name}"))
+
+    b.append(("h", 2, "Steps and wall time"))
+    b.append(("table", ["step", "seconds", "reused from disk"],
+              [[s["step"], _f(s["seconds"], 1), _f(bool(s.get("resumed")))] for s in steps]))
+    total = sum(s["seconds"] for s in steps if not s.get("resumed"))
+    b.append(("p", f"Total wall time of the steps run (not reused): {total:.0f} s."))
+    return b
+
+
+def _md(blocks: list[Block]) -> str:
+    lines = []
+    for blk in blocks:
+        if blk[0] == "h":
+            lines += ["#" * blk[1] + " " + blk[2], ""]
+        elif blk[0] == "p":
+            lines += [blk[1], ""]
+        elif blk[0] == "table":
+            cols, rows = blk[1], blk[2]
+            esc = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines.append("| " + " | ".join(esc(c) for c in cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            lines += ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows]
+            lines.append("")
+        elif blk[0] == "img":
+            lines += [f"![{blk[2]}]({blk[1]})", "", f"*{blk[2]}*", ""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list[Block], title: str) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+             "margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;"
+             "vertical-align:top}th{background:#f2f2f2}img{max-width:100%}figcaption{font-style:italic}"
+             "</style></head><body>"]
+    for blk in blocks:
+        if blk[0] == "h":
+            parts.append(f"<h{blk[1]}>{e(blk[2])}</h{blk[1]}>")
+        elif blk[0] == "p":
+            parts.append(f"<p>{e(blk[1])}</p>")
+        elif blk[0] == "table":
+            parts.append("<table><tr>" + "".join(f"<th>{e(str(c))}</th>" for c in blk[1]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in r) + "</tr>" for r in blk[2]]
+            parts.append("</table>")
+        elif blk[0] == "img":
+            parts.append(f"<figure><img src='{e(blk[1])}' alt='{e(blk[2])}'><figcaption>{e(blk[2])}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], found: list[dict]) -> Path:
+    """Plots into OUT/plots, then OUT/report.md and OUT/report.html; returns the Markdown path."""
+    from aird.core.plots import plot_asr, plot_refusal_scores
+
+    plots: dict[str, str] = {}
+    evals = {e.name: e.eval for e in entries if e.eval}
+    if evals and plot_asr(out / "plots" / "asr_by_category.png", evals):
+        plots["asr"] = "plots/asr_by_category.png"
+    scores: dict[str, dict[str, list[float]]] = {}
+    for e in entries:
+        jl = e.folder / "eval" / "eval.jsonl"
+        if jl.is_file():
+            recs = [r for r in read_jsonl(jl, torn_tail_ok=True) if r["record"] == "eval.prompt"]
+            scores[e.name] = {"harmful": [r["refusal_score"] for r in recs if r["role"] == "harmful"],
+                              "benign": [r["refusal_score"] for r in recs if r["role"] == "benign"]}
+    if scores and plot_refusal_scores(out / "plots" / "refusal_scores.png", scores):
+        plots["scores"] = "plots/refusal_scores.png"
+    blocks = _blocks(out, cfg, entries, steps, found, plots)
+    md = out / "report.md"
+    atomic_write_text(md, _md(blocks))
+    atomic_write_text(out / "report.html", _html(blocks, f"aird study: {cfg['model']}"))
+    atomic_write_text(out / "findings.json", json.dumps(found, indent=1, ensure_ascii=False) + "\n")
+    return md

@@ -1,0 +1,374 @@
+"""`aird study`: the paper's whole experiment on one model — compress with a grid, probe every model, diff each
+against the original, repair the ones whose direction moved, evaluate everything — and a report.
+
+The study is a pipeline of the five subcommands' core functions; every step writes its usual artifacts under
+the study folder, so a rerun after a kill reuses what is finished (each step's summary record is the proof it
+finished) and a person can open any step's folder with the ordinary subcommands. Layout:
+
+    OUT/study.json                  the resolved configuration (a rerun must match it, or use --force)
+    OUT/steps.jsonl                 one record per finished step, with its wall time
+    OUT/original/{probe,eval}/
+    OUT/<name>/{model,probe,diff,eval}/            one per compression of the grid
+    OUT/<name>-<repair>/{model,probe,diff,eval}/   one per repair of a moved model
+    OUT/report.md, OUT/report.html, OUT/plots/
+
+Profiles: ``quick`` (finishes on a 2-core CPU in under 30 minutes on the 0.5B default model: two
+compressions, small prompt sets, short generations, a few zero-shot examples per task) and ``full`` (the
+paper's grid and the usual sizes). A TOML file (``--config``) overrides any key of the profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from aird.core import plugins
+from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
+from aird.core.errors import AirdError, ArtifactError
+from aird.core.progress import Reporter
+
+STUDY_JSON = "study.json"
+STEPS_JSONL = "steps.jsonl"
+
+_PRUNE = [
+    {"name": "wanda-50", "method": "wanda", "params": {"sparsity": 0.5}},
+    {"name": "sparsegpt-50", "method": "sparsegpt", "params": {"sparsity": 0.5}},
+    {"name": "sparsegpt-2of4", "method": "sparsegpt", "params": {"pattern": "2:4"}},
+]
+_QUANT = [
+    {"name": "rtn-int8", "method": "rtn", "params": {"bits": 8}},
+    {"name": "gptq-int4", "method": "gptq", "params": {"bits": 4, "group_size": 128}},
+    # AWQ on llm-compressor 0.14 spends minutes per layer on a CPU (see shared notes): full profile on CUDA only
+    {"name": "awq-int4", "method": "awq", "params": {"bits": 4, "group_size": 128}, "only_on": "cuda"},
+]
+
+PROFILES: dict[str, dict] = {
+    "quick": {
+        "model": "default",
+        "seed": 42,
+        "grid": [_PRUNE[0], _QUANT[0]],
+        "calibration": {"calib": "harmless", "calib_samples": 32, "calib_seq_len": 256},
+        "probe": {"n_train": 64, "n_val": 24, "top_k": 1, "max_scored": 5},
+        "repair": {"methods": ["aird"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
+                   "alpha": "auto", "layer": None},
+        "eval": {"harmful": ["advbench", "jailbreakbench"], "benign": ["jailbreakbench_benign", "alpaca"],
+                 "jailbreaks": [], "limit": 16, "task_limit": 20, "max_new_tokens": 32, "ppl_windows": 4,
+                 "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
+                           "rte"]},
+    },
+    "full": {
+        "model": "default",
+        "seed": 42,
+        "grid": _PRUNE + _QUANT,
+        "calibration": {"calib": "harmless", "calib_samples": 64, "calib_seq_len": 512},
+        "probe": {"n_train": 128, "n_val": 32, "top_k": 3, "max_scored": 30},
+        "repair": {"methods": ["aird", "aird-sparse"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
+                   "alpha": "auto", "layer": None},
+        "eval": {"harmful": ["advbench", "jailbreakbench"], "benign": ["jailbreakbench_benign", "alpaca"],
+                 "jailbreaks": ["jbb_gcg", "jbb_pair", "jbb_aim"], "limit": None, "task_limit": 500,
+                 "max_new_tokens": 64, "ppl_windows": 40,
+                 "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
+                           "rte"]},
+    },
+}
+REPAIR_WHEN = ("moved", "all", "never")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_config(profile: str = "quick", config_file: Path | None = None, overrides: dict | None = None,
+                   cuda: bool = False) -> dict:
+    """The study configuration: a profile, a TOML file over it, then command-line overrides; checked."""
+    if profile not in PROFILES:
+        raise AirdError(f"unknown profile {profile!r}; use {' or '.join(PROFILES)}.")
+    cfg = copy.deepcopy(PROFILES[profile])
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise AirdError(f"study config {path} not found.")
+        try:
+            user = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise AirdError(f"study config {path} is not valid TOML: {exc}.") from None
+        unknown = sorted(set(user) - set(cfg))
+        if unknown:
+            raise AirdError(f"study config {path} has unknown key {unknown[0]!r}; known: {', '.join(sorted(cfg))}.")
+        cfg = _merge(cfg, user)
+    cfg = _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg["profile"] = profile
+    skipped = [g for g in cfg["grid"] if g.get("only_on") == "cuda" and not cuda]
+    cfg["grid"] = [g for g in cfg["grid"] if g not in skipped]
+    cfg["skipped"] = [{"name": g["name"], "why": "CPU only: this method takes hours here (run on CUDA)"} for g in skipped]
+    names = [g.get("name") for g in cfg["grid"]]
+    for g in cfg["grid"]:
+        if not g.get("name") or not g.get("method"):
+            raise AirdError("every grid entry of the study needs a name and a method.")
+        if "/" in g["name"] or g["name"] in ("original", "plots"):
+            raise AirdError(f"grid name {g['name']!r} is not allowed (no '/', not 'original' or 'plots').")
+        plugins.get("compressor", g["method"])
+    if len(set(names)) != len(names):
+        raise AirdError("the names of the study's grid entries must be distinct.")
+    for m in cfg["repair"]["methods"]:
+        plugins.get("repair", m)
+    if cfg["repair"]["when"] not in REPAIR_WHEN:
+        raise AirdError(f"repair.when must be one of {', '.join(REPAIR_WHEN)}.")
+    return cfg
+
+
+@dataclass
+class Entry:
+    """One model of the study and what is known of it."""
+
+    name: str
+    role: str                        # original | compressed | repaired
+    folder: Path
+    model_path: str
+    parent: str | None = None        # the compressed entry a repaired one came from
+    method: str | None = None
+    kind: str | None = None          # pruning | quantization | repair
+    compress: dict | None = None
+    repair: dict | None = None
+    probe: dict | None = None
+    diff: dict | None = None
+    eval: dict | None = None
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    config: dict
+    entries: list[Entry]
+    steps: list[dict] = field(default_factory=list)
+    report: Path | None = None
+    findings: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _summary(path: Path, record: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        recs = read_jsonl(path, torn_tail_ok=True)
+    except ArtifactError:
+        return None
+    return next((r for r in recs if r["record"] == record), None)
+
+
+class _Study:
+    def __init__(self, cfg: dict, out: Path, rep: Reporter, device: str | None, data_dir: str | None,
+                 advance: Callable[..., None]):
+        self.cfg, self.out, self.rep, self.device, self.data_dir = cfg, out, rep, device, data_dir
+        self.advance = advance
+        self.steps: list[dict] = []
+        self.done = {r["step"]: r for r in (read_jsonl(out / STEPS_JSONL, torn_tail_ok=True)
+                                            if (out / STEPS_JSONL).exists() else [])}
+        self._lm = None
+        self._lm_path: str | None = None
+
+    # one model in memory at a time; a step that is already finished does not load it
+    def lm(self, path: str):
+        from aird.core.loading import load_model
+
+        if self._lm is None or self._lm_path != path:
+            self._lm = None
+            self._lm = load_model(path, device=self.device)
+            self._lm_path = path
+        return self._lm
+
+    def forget(self) -> None:
+        self._lm, self._lm_path = None, None
+
+    def step(self, name: str, fn: Callable[[], dict]) -> dict:
+        self.advance(0, description=f"study: {name}")
+        t = time.perf_counter()
+        res = fn()
+        seconds = round(time.perf_counter() - t, 3)
+        resumed = bool(res.get("resumed"))
+        rec = self.done.get(name) if resumed and name in self.done else {
+            "record": "study.step", "step": name, "seconds": seconds, "resumed": resumed, "finished": time.time()}
+        if name not in self.done:
+            append_jsonl(self.out / STEPS_JSONL, [rec])
+            self.done[name] = rec
+        self.steps.append(rec)
+        self.advance(1)
+        return res
+
+    # ---- the five subcommands ---------------------------------------------------------------------------
+    def probe(self, e: Entry) -> dict:
+        from aird.core.probe import PROBE_JSONL, ProbeConfig, run_probe
+
+        def go() -> dict:
+            done = _summary(e.folder / "probe" / PROBE_JSONL, "probe.summary")
+            if done is not None:
+                return {**done, "resumed": True}
+            lm = self.lm(e.model_path)
+            pc = ProbeConfig(seed=self.cfg["seed"], data_dir=self.data_dir, device=self.device,
+                             **self.cfg["probe"])
+            pc.dtype = lm.info["dtype"]
+            return run_probe(lm, pc, e.folder / "probe", reporter=self.rep).summary
+
+        e.probe = self.step(f"probe {e.name}", go)
+        return e.probe
+
+    def diff(self, e: Entry, original: Entry) -> dict:
+        from aird.core.diff import DIFF_JSONL, run_diff
+
+        def go() -> dict:
+            done = _summary(e.folder / "diff" / DIFF_JSONL, "diff.summary")
+            if done is not None:
+                return {**done, "resumed": True}
+            return run_diff(original.folder / "probe", e.folder / "probe", e.folder / "diff",
+                            lm=self.lm(e.model_path), reporter=self.rep)
+
+        e.diff = self.step(f"diff {e.name}", go)
+        return e.diff
+
+    def evaluate(self, e: Entry) -> dict:
+        from aird.core.evaluate import EVAL_JSONL, EvalConfig, run_eval
+
+        def go() -> dict:
+            done = _summary(e.folder / "eval" / EVAL_JSONL, "eval.summary")
+            if done is not None:
+                return {**done, "resumed": True}
+            ec = EvalConfig(seed=self.cfg["seed"], data_dir=self.data_dir, device=self.device, **self.cfg["eval"])
+            return run_eval(self.lm(e.model_path), ec, e.folder / "eval", ("safety", "utility"), reporter=self.rep)
+
+        e.eval = self.step(f"eval {e.name}", go)
+        return e.eval
+
+    def compress(self, g: dict, original: Entry) -> Entry:
+        from aird.core.compress import COMPRESS_JSONL, CompressConfig, run_compress
+
+        folder = self.out / g["name"]
+        model_dir = folder / "model"
+
+        def go() -> dict:
+            done = _summary(model_dir / COMPRESS_JSONL, "compress.summary")
+            if done is not None and (model_dir / "config.json").is_file():
+                return {**done, "resumed": True}
+            self.forget()   # the compressor edits the loaded model in place: load a fresh copy
+            lm = self.lm(original.model_path)
+            cc = CompressConfig(method=g["method"], params=dict(g.get("params", {})), seed=self.cfg["seed"],
+                                data_dir=self.data_dir, device=self.device, **self.cfg["calibration"])
+            res = run_compress(lm, cc, model_dir, reporter=self.rep)
+            self.forget()
+            return res.summary
+
+        s = self.step(f"compress {g['name']}", go)
+        return Entry(g["name"], "compressed", folder, str(model_dir), method=s["method"], kind=s.get("kind"),
+                     compress=s)
+
+    def repair(self, method: str, parent: Entry, original: Entry) -> Entry:
+        from aird.core.repair import REPAIR_JSONL, RepairConfig, run_repair
+
+        name = f"{parent.name}-{method}"
+        folder = self.out / name
+        model_dir = folder / "model"
+        rc = self.cfg["repair"]
+
+        def go() -> dict:
+            done = _summary(model_dir / REPAIR_JSONL, "repair.summary")
+            if done is not None and (model_dir / "config.json").is_file():
+                return {**done, "resumed": True}
+            self.forget()   # the edit is applied to the loaded model
+            cfg = RepairConfig(method=method, layer=rc.get("layer"), matrix=rc["matrix"], alpha=rc["alpha"],
+                               compressed_probe=str(parent.folder / "probe"), data_dir=self.data_dir,
+                               device=self.device, **{k: rc[k] for k in ("guard",) if k in rc})
+            s = run_repair(self.lm(parent.model_path), original.folder / "probe", cfg, model_dir, reporter=self.rep)
+            self.forget()
+            return s
+
+        s = self.step(f"repair {name}", go)
+        return Entry(name, "repaired", folder, str(model_dir), parent=parent.name, method=method, kind="repair",
+                     repair=s)
+
+
+def moved(diff: dict, threshold: float) -> bool:
+    """Did compression move the refusal direction: its source changed, or its cosine to the original's chosen
+    direction fell below the threshold."""
+    return bool(diff["source"]["moved"]) or diff["cosine_chosen"] < threshold
+
+
+def n_steps(cfg: dict) -> int:
+    """Steps of a study when every compressed model gets repaired (the progress bar's upper bound)."""
+    g = len(cfg["grid"])
+    reps = len(cfg["repair"]["methods"]) * g if cfg["repair"]["when"] != "never" else 0
+    return 2 + 4 * g + 4 * reps
+
+
+def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | None = None,
+              device: str | None = None, data_dir: str | None = None) -> StudyResult:
+    from aird.core.report import findings, write_report
+
+    rep = reporter or Reporter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = out / STUDY_JSON
+    semantic = {k: v for k, v in cfg.items()}
+    if stored.exists() and not force:
+        old = json.loads(stored.read_text())
+        if old.get("config") != semantic:
+            diff = sorted(k for k in set(old.get("config", {})) | set(semantic)
+                          if old.get("config", {}).get(k) != semantic.get(k))
+            raise ArtifactError(f"{out} holds a study with other settings ({', '.join(diff)}); use another --out "
+                                "or --force to start it again.")
+    if force:
+        import shutil
+
+        for child in out.iterdir():
+            if child.is_dir() and (child.name == "original" or child.name == "plots"
+                                   or (child / "model").is_dir() or (child / "probe").is_dir()):
+                shutil.rmtree(child)
+            elif child.name in (STEPS_JSONL, "report.md", "report.html"):
+                child.unlink()
+    run = Run("study", cfg["model"], semantic, cfg["seed"])
+    atomic_write_text(stored, json.dumps(run.record("study.config"), indent=1, default=str) + "\n")
+    t0 = time.perf_counter()
+    from aird.core.loading import resolve_model_path
+
+    entries: list[Entry] = []
+    with rep.stage("study", n_steps(cfg)) as advance:
+        st = _Study(cfg, out, rep, device, data_dir, advance)
+        resolve_model_path(cfg["model"])   # a missing model fails here, before any step
+        original = Entry("original", "original", out / "original", cfg["model"])
+        entries.append(original)
+        st.probe(original)
+        st.evaluate(original)
+        compressed = []
+        for g in cfg["grid"]:
+            e = st.compress(g, original)
+            entries.append(e)
+            compressed.append(e)
+            st.probe(e)
+            st.diff(e, original)
+            st.evaluate(e)
+        rc = cfg["repair"]
+        for e in compressed:
+            todo = rc["when"] == "all" or (rc["when"] == "moved" and moved(e.diff, rc["moved_below_cosine"]))
+            for method in rc["methods"]:
+                if not todo:
+                    advance(4)
+                    continue
+                r = st.repair(method, e, original)
+                entries.append(r)
+                st.probe(r)
+                st.diff(r, original)
+                st.evaluate(r)
+        st.forget()
+        advance(0, description="study: report")
+        found = findings(entries, cfg)
+        report = write_report(out, cfg, entries, st.steps, found)
+    return StudyResult(out, cfg, entries, st.steps, report, found, round(time.perf_counter() - t0, 3))

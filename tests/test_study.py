@@ -1,0 +1,172 @@
+"""`aird study` on the tiny refusing model: every step runs, the report holds the paper's tables, a rerun reuses
+everything, other settings are refused; and the findings' verdicts follow the numbers."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import tiny
+from aird.cli.main import app
+from aird.core import study as study_mod
+from aird.core.errors import AirdError, ArtifactError
+from aird.core.report import findings
+from aird.core.study import Entry, resolve_config, run_study
+
+TOML = """
+seed = 3
+grid = [
+  {{name = "mag-50", method = "magnitude", params = {{sparsity = 0.5}}}},
+  {{name = "rtn-8", method = "rtn", params = {{bits = 8}}}},
+]
+[calibration]
+calib_samples = 4
+calib_seq_len = 32
+[probe]
+n_train = 48
+n_val = 16
+top_k = 2
+max_scored = 6
+batch_size = 16
+[repair]
+methods = ["aird-sparse"]
+when = "{when}"
+[eval]
+harmful = ["harmful_val"]
+benign = ["harmless_val"]
+limit = 6
+task_limit = 4
+tasks = ["arc_easy"]
+max_new_tokens = 4
+ppl_windows = 2
+ppl_ctx_len = 16
+"""
+
+
+def _config(tmp_path, data, model_dir, when="all"):
+    rows = [{"query": f"Question: {q}?", "choices": ["Sure", "I"], "gold": i % 2}
+            for i, q in enumerate(tiny.instructions(tiny.HARMLESS_ACTS)[:6])]
+    (data / "arc_easy").mkdir(exist_ok=True)
+    (data / "arc_easy" / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / f"study-{when}.toml"
+    path.write_text(f'model = "{model_dir}"\n' + TOML.format(when=when))  # top-level keys before the tables
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(refusing, tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    model_dir, data = refusing
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = resolve_config("quick", _config(tmp, data, model_dir))
+    res = run_study(cfg, tmp / "out", device="cpu", data_dir=str(data))
+    return res, cfg, tmp, data
+
+
+def test_study_runs_every_step_and_writes_the_report(finished):
+    res, cfg, tmp, _ = finished
+    names = [e.name for e in res.entries]
+    assert names == ["original", "mag-50", "rtn-8", "mag-50-aird-sparse", "rtn-8-aird-sparse"]
+    steps = [s["step"] for s in res.steps]
+    assert steps[:2] == ["probe original", "eval original"]
+    for n in ("mag-50", "rtn-8"):
+        for kind in ("compress", "probe", "diff", "eval"):
+            assert f"{kind} {n}" in steps
+        for kind in ("repair", "probe", "diff", "eval"):
+            assert f"{kind} {n}-aird-sparse" in steps
+    assert all(s["seconds"] >= 0 and not s["resumed"] for s in res.steps)
+    by = {e.name: e for e in res.entries}
+    assert by["mag-50"].compress["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # the sparsity-preserving repair keeps the pruned model's sparsity
+    assert by["mag-50-aird-sparse"].repair["sparsity"]["after"] == by["mag-50"].compress["sparsity"]
+    for e in res.entries:
+        assert e.probe and e.eval and e.eval["zero_shot"]["arc_easy"]["n"] == 4
+        assert (e.folder / "probe" / "probe.jsonl").is_file()
+    md = res.report.read_text()
+    assert "## Main table" in md and "## Repairs" in md and "## Findings of the paper" in md
+    assert all(f["finding"] in md for f in res.findings) and len(res.findings) == 5
+    assert (res.out / "report.html").read_text().count("<table>") == md.count("\n|---")
+    assert (res.out / "plots" / "asr_by_category.png").stat().st_size > 0
+    assert (res.out / "plots" / "refusal_scores.png").stat().st_size > 0
+    assert "mag-50/diff/diff.png" in md
+    # the report's ASR is the eval summary's
+    assert f"{by['mag-50'].eval['asr']['harmful_val']:.3f}" in md
+
+
+def test_rerun_reuses_every_step_without_loading_a_model(finished, monkeypatch):
+    res, cfg, tmp, data = finished
+
+    def no_load(*a, **k):
+        raise AssertionError("a finished step loaded a model")
+
+    monkeypatch.setattr("aird.core.loading.load_model", no_load)
+    again = run_study(cfg, res.out, device="cpu", data_dir=str(data))
+    assert [s["step"] for s in again.steps] == [s["step"] for s in res.steps]
+    assert [s["seconds"] for s in again.steps] == [s["seconds"] for s in res.steps]  # the first run's times
+    assert [e.name for e in again.entries] == [e.name for e in res.entries]
+
+
+def test_study_with_other_settings_is_refused(finished):
+    res, cfg, tmp, data = finished
+    other = {**cfg, "seed": cfg["seed"] + 1}
+    with pytest.raises(ArtifactError, match="other settings"):
+        run_study(other, res.out, device="cpu", data_dir=str(data))
+
+
+def test_config_errors():
+    with pytest.raises(AirdError, match="unknown profile"):
+        resolve_config("fast")
+    assert [g["method"] for g in resolve_config("quick")["grid"]] == ["wanda", "rtn"]
+    full = resolve_config("full")
+    assert "awq-int4" not in [g["name"] for g in full["grid"]] and full["skipped"][0]["name"] == "awq-int4"
+    assert "awq-int4" in [g["name"] for g in resolve_config("full", cuda=True)["grid"]]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("grid = [{name = 'x', method = 'nope'}]\n", "unknown compressor"),
+    ("grid = [{name = 'a', method = 'rtn'}, {name = 'a', method = 'rtn'}]\n", "distinct"),
+    ("colour = 1\n", "unknown key 'colour'"),
+    ("[repair]\nwhen = 'sometimes'\n", "repair.when"),
+    ("grid = [\n", "not valid TOML"),
+])
+def test_bad_study_config_is_one_sentence(tmp_path, text, msg):
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    with pytest.raises(AirdError, match=msg):
+        resolve_config("quick", p)
+    r = CliRunner().invoke(app, ["study", "--quick", "--config", str(p), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def _e(name, role, kind=None, cos=None, moved=False, asr=None, zs=None, bypass=-1.0, src=(5, -1), parent=None):
+    probe = {"source": {"layer": src[0], "position": src[1]}, "quality": {"bypass": bypass, "induce": 0.5, "kl": 0.1},
+             "baseline": {"harmful_refusal_score": 1.0, "harmless_refusal_score": -2.0}}
+    diff = None if cos is None else {"cosine_chosen": cos, "source": {"moved": moved}}
+    ev = None if asr is None else {"asr": {"advbench": asr}, "over_refusal": {"alpaca": 0.0}, "zero_shot_mean": zs}
+    return Entry(name, role, None, "", parent=parent, kind=kind, probe=probe, diff=diff, eval=ev)
+
+
+def test_findings_follow_the_numbers():
+    entries = [
+        _e("original", "original", asr=0.2, zs=0.5),
+        _e("prune", "compressed", "pruning", cos=0.6, moved=True, asr=0.5, zs=0.45, src=(3, -2)),
+        _e("quant", "compressed", "quantization", cos=0.99, asr=0.22, zs=0.5),
+        _e("prune-aird", "repaired", "repair", cos=0.9, asr=0.3, zs=0.455, parent="prune"),
+    ]
+    f = {x["finding"][0]: x for x in findings(entries, {})}
+    assert f["1"]["verdict"] == "holds"
+    assert f["2"]["verdict"] == "holds" and "pruning 0.600" in f["2"]["evidence"]
+    assert f["3"]["verdict"] == "holds"
+    assert f["4"]["verdict"] == "holds" and "0.500 → 0.300" in f["4"]["evidence"]
+    assert f["5"]["verdict"] == "holds"
+    # the opposite numbers give the opposite verdicts
+    entries[1] = _e("prune", "compressed", "pruning", cos=0.995, asr=0.3, zs=0.45, bypass=0.3)
+    entries[3] = _e("prune-aird", "repaired", "repair", cos=0.9, asr=0.4, zs=0.40, parent="prune", src=(9, -1))
+    f = {x["finding"][0]: x for x in findings(entries, {})}
+    assert [f[k]["verdict"] for k in "12345"] == ["does not hold"] * 5
+
+
+def test_repair_when_moved_only(monkeypatch):
+    assert study_mod.moved({"cosine_chosen": 0.95, "source": {"moved": False}}, 0.9) is False
+    assert study_mod.moved({"cosine_chosen": 0.95, "source": {"moved": True}}, 0.9) is True
+    assert study_mod.moved({"cosine_chosen": 0.85, "source": {"moved": False}}, 0.9) is True
