@@ -123,3 +123,40 @@ def test_nm_helpers():
     w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
     assert nm_compliant(w, 2, 4) and not nm_compliant(w, 1, 4)
     assert max_distinct_per_group(torch.tensor([[1.0, 1.0, 2.0, 3.0]]), 2) == 2
+
+
+def test_w8a8_int8_weights_and_activation_quantization_on_reload(tiny_folder, tmp_path):
+    s, written = compress(tiny_folder, tmp_path, "w8a8")
+    assert s["bits"] <= 8 and s["max_distinct_per_group"] <= 256
+    for name, w in decoder_linear_weights(written).items():
+        assert max_distinct_per_group(w, None) <= 256, name
+    cfg = json.loads((tmp_path / "w8a8" / "config.json").read_text())
+    act = cfg["aird_activation_quantization"]
+    assert act["num_bits"] == 8 and act["strategy"] == "token" and act["dynamic"]
+    lm = load_model(s["out"], device="cpu")
+    assert lm.info["activation_quantization"]["matrices"] == 2 * 7   # every decoder Linear of 2 layers
+    # the inputs every Linear sees are on an int8 grid per token: at most 255 distinct values per row
+    seen = {}
+    mod = lm.adapter.out_proj(lm.adapter.layers(lm.model)[1], "mlp")
+    h = mod.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach().clone()))
+    x = torch.randint(8, 60, (2, 7))
+    with torch.no_grad():
+        quantized = lm.model(input_ids=x).logits
+    h.remove()
+    rows = seen["x"].reshape(-1, seen["x"].shape[-1])
+    assert max(len(torch.unique(r)) for r in rows) <= 255
+    steps = (rows / (rows.abs().amax(-1, keepdim=True) / 127))
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    # the same weights without the activation hooks compute something slightly different
+    plain = load_model(s["out"], device="cpu")
+    for layer in plain.adapter.layers(plain.model):
+        for m in layer.modules():
+            m._forward_pre_hooks.clear()
+    with torch.no_grad():
+        unquantized = plain.model(input_ids=x).logits
+    assert not torch.equal(quantized, unquantized) and torch.allclose(quantized, unquantized, atol=0.5)
+
+
+def test_w8a8_takes_no_group_size(tiny_folder, tmp_path):
+    with pytest.raises(AirdError, match="group"):
+        compress(tiny_folder, tmp_path, "w8a8", group_size=32)

@@ -167,6 +167,32 @@ def _load_tokenizer(where: Path | str, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
 
 
+ACTIVATION_QUANT_KEY = "aird_activation_quantization"
+
+
+def activation_quant_hooks(model, adapter, spec: dict) -> int:
+    """Quantize-dequantize the input of every decoder Linear as ``spec`` says (int, symmetric, per token,
+    dynamic: one scale per token from its largest magnitude), the way W8A8 kernels see activations.
+    Returns the number of hooked matrices."""
+    if not (spec.get("strategy") == "token" and spec.get("dynamic") and spec.get("symmetric", True)):
+        raise AirdError(f"unsupported activation quantization {spec} in the model's config (aird emulates "
+                        "symmetric dynamic per-token only).")
+    qmax = 2 ** (int(spec["num_bits"]) - 1) - 1
+
+    def pre(_mod, args):
+        x = args[0]
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+        return (torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale,) + tuple(args[1:])
+
+    n = 0
+    for layer in adapter.layers(model):
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.register_forward_pre_hook(pre)
+                n += 1
+    return n
+
+
 def wrap_model(model, tokenizer, spec: str, path: str = "", device: torch.device | None = None) -> LoadedModel:
     """Prepare an in-memory model for aird: eval mode, no grads, left padding, a pad token."""
     adapter = adapter_for(model.config)
@@ -183,4 +209,8 @@ def wrap_model(model, tokenizer, spec: str, path: str = "", device: torch.device
         raise UnsupportedModel(f"model {spec!r} has no chat template; aird needs a chat (instruct) model.")
     info = {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
             "n_params": sum(p.numel() for p in model.parameters())}
+    act = getattr(model.config, ACTIVATION_QUANT_KEY, None)
+    if act and not getattr(model, "_aird_act_quant", False):
+        info["activation_quantization"] = {**act, "matrices": activation_quant_hooks(model, adapter, act)}
+        model._aird_act_quant = True
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, spec=spec, path=path, device=dev, info=info)

@@ -225,7 +225,57 @@ class AWQ(_LLMCQuantizer):
             cache.IntermediatesCache.pin_memory = original
 
 
+class W8A8(_LLMCQuantizer):
+    """SmoothQuant + GPTQ, int8 weights and int8 activations (llm-compressor's W8A8 preset).
+
+    The weights are written quantize-dequantized like the other quantizers. Activations cannot live in a
+    weight file: the folder's config records ``aird_activation_quantization`` (int8, per token, dynamic,
+    symmetric, as the preset quantizes them) and aird's model loader quantize-dequantizes the input of every
+    decoder Linear with it, so probe, eval and repair see the W8A8 model. (A plain transformers load of the
+    folder sees only the int8 weights: W8A16.)"""
+
+    name = "w8a8"
+    description = "SmoothQuant + GPTQ int8 weights and int8 per-token activations (llm-compressor)"
+    params = {"bits": 8, "group_size": None}
+    bits_allowed = (8,)
+    pipeline = "sequential"
+
+    def _modifier(self, params):
+        from compressed_tensors.quantization import preset_name_to_scheme
+        from llmcompressor.modifiers.quantization import GPTQModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        if params.get("group_size"):
+            from aird.core.errors import AirdError
+
+            raise AirdError("w8a8 quantizes weights per output channel; it takes no --group-size.")
+        return [SmoothQuantModifier(smoothing_strength=0.8),
+                GPTQModifier(config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])}, ignore=[LM_HEAD])]
+
+    def compress(self, lm, params, calibration):
+        from aird.core.loading import ACTIVATION_QUANT_KEY, activation_quant_hooks
+
+        info = super().compress(lm, params, calibration)
+        spec = {"num_bits": 8, "strategy": "token", "dynamic": True, "symmetric": True}
+        setattr(lm.model.config, ACTIVATION_QUANT_KEY, spec)
+        _strip_quantization(lm)
+        activation_quant_hooks(lm.model, lm.adapter, spec)
+        lm.model._aird_act_quant = True
+        info["format"] = ("int8 weights quantize-dequantized in the torch dtype; int8 per-token dynamic activation "
+                          "quantization recorded in config.json and applied by aird's loader")
+        info["activation_quantization"] = spec
+        return info
+
+
+def _strip_quantization(lm) -> None:
+    """Switch off compressed-tensors' forward wrappers once the weights are materialized, so the in-memory
+    model computes what the saved folder will (aird's own activation hooks take their place)."""
+    from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
+
+    lm.model.apply(disable_quantization)
+
+
 @hookimpl
 def aird_register_compressors(register):
-    for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, AWQ):
+    for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, AWQ, W8A8):
         register(cls())
