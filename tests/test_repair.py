@@ -100,7 +100,7 @@ def test_diff_refuses_incomparable_probes(study, refusing, tmp_path):
 def test_repair_restores_refusal_and_records_sparsity(study, tmp_path, method):
     root, data = study
     lm = load_model(str(root / "pruned"), device="cpu")
-    cfg = RepairConfig(method=method, data_dir=str(data), compressed_probe=str(root / "probe-pruned"))
+    cfg = RepairConfig(method=method, data_dir=str(data), compressed_probe=str(root / "probe-pruned"), judge="score")
     s = run_repair(lm, root / "probe-orig", cfg, tmp_path / "rep")
     v = s["validation"]
     assert v["repaired"]["harmful_refusal_rate"] >= v["compressed"]["harmful_refusal_rate"]
@@ -123,7 +123,7 @@ def test_repair_restores_refusal_and_records_sparsity(study, tmp_path, method):
 def test_repair_fixed_choices_and_bad_input(study, tmp_path):
     root, data = study
     lm = load_model(str(root / "pruned"), device="cpu")
-    s = run_repair(lm, root / "probe-orig", RepairConfig(layer=1, matrix="mlp", alpha=2.0, data_dir=str(data)),
+    s = run_repair(lm, root / "probe-orig", RepairConfig(layer=1, matrix="mlp", alpha=2.0, data_dir=str(data), judge="score"),
                    tmp_path / "fixed")
     assert (s["layer"], s["matrix"], s["alpha"]) == (1, "mlp", 2.0)
     assert len(s["validation"]["trials"]) == 1
@@ -131,6 +131,8 @@ def test_repair_fixed_choices_and_bad_input(study, tmp_path):
         run_repair(lm, root / "probe-orig", RepairConfig(matrix="qkv", data_dir=str(data)), tmp_path / "x")
     with pytest.raises(AirdError, match="--layer must be in"):
         run_repair(lm, root / "probe-orig", RepairConfig(layer=99, data_dir=str(data)), tmp_path / "x")
+    with pytest.raises(AirdError, match="--judge must be"):
+        run_repair(lm, root / "probe-orig", RepairConfig(judge="vibes", data_dir=str(data)), tmp_path / "x")
     with pytest.raises(AirdError, match="--alpha must be a number or auto"):
         run_repair(lm, root / "probe-orig", RepairConfig(alpha="lots", data_dir=str(data)), tmp_path / "x")
 
@@ -151,6 +153,75 @@ def test_alpha_choice_never_takes_an_over_refusing_edit(study, tmp_path, monkeyp
 
     rates.calls = 0
     monkeypatch.setattr(rmod._Evaluator, "rates", rates)
-    s = run_repair(lm, root / "probe-orig", RepairConfig(data_dir=str(data)), tmp_path / "g")
+    s = run_repair(lm, root / "probe-orig", RepairConfig(data_dir=str(data), judge="score"), tmp_path / "g")
     assert s["validation"]["target_reached"] is False
     assert s["alpha"] == min(rmod.ALPHA_GRID)
+
+
+def test_rank_writers_measures_each_matrix_projection(study):
+    from aird.core.probe import format_prompts
+    from aird.core.repair import rank_writers
+
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    harmful = format_prompts(lm, [p for p in _prompts(data, "harmful_val")][:6], None)
+    harmless = format_prompts(lm, [p for p in _prompts(data, "harmless_val")][:6], None)
+    unit = _unit(lm.model.config.hidden_size, 3)
+    rows = rank_writers(lm, harmful, harmless, unit, ["attn", "mlp"], batch_size=4)
+    assert len(rows) == 2 * lm.n_layers and [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    # one entry by hand: the mean projection of layer 1's down_proj output at the post-instruction positions
+    k = len(lm.adapter.post_instruction_positions(lm.tokenizer))
+    got = {}
+    mod = lm.adapter.out_proj(lm.adapter.layers(lm.model)[1], "mlp")
+    h = mod.register_forward_hook(lambda m, a, o: got.setdefault("o", []).append(o[:, -k:, :] @ unit) and None)
+    from aird.core.forward import make_batches, run_model
+    with torch.inference_mode():
+        for b in make_batches(lm, harmful, 16):
+            run_model(lm, b)
+    h.remove()
+    expect = torch.cat(got["o"]).mean().item()
+    row = next(r for r in rows if (r["layer"], r["matrix"]) == (1, "mlp"))
+    assert row["harmful_projection"] == pytest.approx(expect, abs=1e-4)
+    assert -1 <= row["selectivity"] <= 1
+
+
+def _prompts(data, name):
+    from aird.core.data import load_set
+
+    return load_set(name, str(data))
+
+
+class _FirstWordScorer:
+    """The tiny model refuses by starting with "I"; the reference substrings never match it."""
+    name = "first-word"
+
+    def refused(self, prompts, completions):
+        return [c.strip().startswith("I") for c in completions]
+
+
+def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, monkeypatch):
+    from aird.core import plugins
+
+    real = plugins.get
+    monkeypatch.setattr(plugins, "get", lambda kind, name: _FirstWordScorer() if kind == "scorer" else real(kind, name))
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    cfg = RepairConfig(method="aird-sparse", layer="auto", matrix="both", judge="generate", max_new_tokens=3,
+                       candidates=2, data_dir=str(data), compressed_probe=str(root / "probe-pruned"))
+    s = run_repair(lm, root / "probe-orig", cfg, tmp_path / "gen")
+    v = s["validation"]
+    assert v["judge"] == "generate" and 0 < v["original"]["harmful_refusal_rate"] <= 1
+    assert v["original"]["harmless_refusal_rate"] < v["original"]["harmful_refusal_rate"]
+    ranked = [(r["layer"], r["matrix"]) for r in s["ranking"]]
+    tried = []
+    for t in v["trials"]:
+        if (t["layer"], t["matrix"]) not in tried:
+            tried.append((t["layer"], t["matrix"]))
+    assert tried == ranked[: len(tried)] and 1 <= len(tried) <= 2 and s["matrix"] in ("attn", "mlp")
+    for cand in tried:   # ascending α, stopping at the first that reaches the target or breaks the guard
+        ts = [t for t in v["trials"] if (t["layer"], t["matrix"]) == cand]
+        assert [t["alpha"] for t in ts] == sorted(t["alpha"] for t in ts)
+        assert not any(t["reaches_target"] or not t["within_guard"] for t in ts[:-1])
+    if v["target_reached"]:
+        assert v["repaired"]["harmful_refusal_rate"] >= v["original"]["harmful_refusal_rate"]
+        assert v["repaired"]["harmless_refusal_rate"] <= v["harmless_guard"] + 1e-9

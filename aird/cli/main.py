@@ -301,9 +301,15 @@ def repair_cmd(
     reference: Path = typer.Option(..., "--reference", "-r", help="Probe folder of the ORIGINAL model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: COMPRESSED-aird]."),
     method: str = typer.Option("aird", help="Repair plugin: aird (dense rank-one) or aird-sparse (keeps sparsity)."),
-    layer: str = typer.Option("default", help="Layer to edit: a number, auto, or default (the one below the source)."),
-    matrix: str = typer.Option("both", help="attn (o_proj), mlp (down_proj) or both."),
+    layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), or auto "
+                                              "(the matrices that write r̂ most selectively on harmful prompts)."),
+    matrix: str = typer.Option("both", help="attn (o_proj), mlp (down_proj) or both (with --layer auto: either)."),
     alpha: str = typer.Option("auto", help="Edit strength, or auto (smallest that restores the refusal rate)."),
+    judge: str = typer.Option("generate", help="How α auto judges refusal: generate (greedy answers and the scorer, "
+                                               "as eval does) or score (first-token refusal score > 0; cheaper)."),
+    candidates: int = typer.Option(2, help="With --layer auto: how many of the best-ranked matrices to search."),
+    max_new_tokens: int = typer.Option(24, help="Answer length of the generate judge."),
+    scorer: str = typer.Option("substring", help="Scorer plugin of the generate judge."),
     compressed_probe: Optional[Path] = typer.Option(None, help="Probe folder of the compressed model (its source layer)."),
     guard: float = typer.Option(0.02, help="Allowed rise of the harmless refusal rate."),
     batch_size: int = typer.Option(16),
@@ -325,7 +331,8 @@ def repair_cmd(
         get("repair", method)
         set_threads(threads)
         lay = None if layer == "default" else (layer if layer == "auto" else _int(layer, "--layer"))
-        cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard,
+        cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, judge=judge,
+                           candidates=candidates, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,
                            batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
         cfg.matrices()
@@ -348,11 +355,12 @@ def _int(value: str, option: str) -> int:
 def render_repair(s: dict) -> None:
     v = s["validation"]
     rows = [("original", v["original"]), ("compressed", v["compressed"]), ("repaired", v["repaired"])]
-    console.print(table("refusal rates on the validation prompts (refusal score > 0)",
+    judged = "greedy answers judged by the scorer" if v.get("judge") == "generate" else "refusal score > 0"
+    console.print(table(f"refusal rates on the validation prompts ({judged})",
                         ["model", "harmful refused", "harmless refused"],
                         [(n, r["harmful_refusal_rate"], r["harmless_refusal_rate"]) for n, r in rows]))
     console.print(
-        f"[bold]{s['method']}[/]: layer {s['layer']} ({s['matrix']}), α {s['alpha']}"
+        f"[bold]{s['method']}[/]: layer {s['layer']} ({s['matrix']}), α {s['alpha']:g}"
         f"{'' if v['target_reached'] else ' [red](target not reached)[/]'}; layer sparsity "
         f"{s['layer_sparsity']['before']:.4f} → {s['layer_sparsity']['after']:.4f}, model sparsity "
         f"{s['sparsity']['before']:.4f} → {s['sparsity']['after']:.4f}; model folder: {s['out']}",

@@ -4,15 +4,22 @@ of one residual-writing matrix of one layer.
 Three choices, each explicit and recorded:
 - the layer whose matrices are edited: by default the one just below the source layer of the chosen direction
   (the compressed model's, when its probe is given, else the original's), so that the edit lands in the
-  residual stream where the direction is read; ``auto`` searches the three layers below the source;
-- the matrix: attention out (o_proj), MLP down (down_proj), or both;
+  residual stream where the direction is read; ``auto`` ranks every (layer, matrix) by how selectively the
+  matrix already writes along r̂ — the mean projection of its output on r̂ at the post-instruction positions,
+  harmful against harmless training prompts — and searches the best ones. The edit multiplies that projection
+  by (1 + α), so a matrix that writes +r̂ on harmful prompts and −r̂ (or nothing) on harmless ones raises
+  refusal on the first without raising it on the second; the source layer's MLP, which writes r̂ on both,
+  cannot (measured on the default model: see the README);
+- the matrix: attention out (o_proj), MLP down (down_proj), or both (with ``auto``: either);
 - α: given, or ``auto``: the smallest α on a grid that brings the harmful-validation refusal rate back to the
   original model's while the harmless-validation refusal rate stays within 2 points of it (or of the
   compressed model's own rate, when compression already raised it: the guard uses the larger, and both are
   reported).
-The refusal rate here is the share of prompts whose refusal score (log-odds of the refusal tokens) is > 0:
-cheap, generation-free, and the quantity the probe's filter uses. Each trial runs only the layers from the
-edited one up, from residuals cached once.
+The refusal rate is judged (``judge``) either as ``eval`` judges it — greedy generations of the validation
+prompts scored by a scorer plugin, the original model's rates generated once from the reference probe's model —
+or, cheaper, by ``score``: the share of prompts whose first-token refusal score is > 0 (generation-free, running
+only the layers from the edited one up, from residuals cached once; on models that refuse late in the answer it
+is a poor stand-in for the generated refusal rate).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from aird.core.progress import Reporter
 
 REPAIR_JSONL = "repair.jsonl"
 ALPHA_GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+GEN_ALPHA_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)    # the generation judge: fewer, wider steps (each costs more)
+JUDGES = ("generate", "score")
 NON_SEMANTIC = ("device", "data_dir", "threads", "batch_size")
 
 
@@ -46,6 +55,10 @@ class RepairConfig:
     matrix: str = "both"                 # attn | mlp | both
     alpha: float | str = "auto"
     guard: float = 0.02                  # harmless refusal rate may rise at most this much
+    judge: str = "generate"              # generate (as eval judges) | score (first-token refusal score > 0)
+    scorer: str = "substring"            # the scorer plugin of the generate judge
+    max_new_tokens: int = 24             # the generate judge's answer length (refusal phrases come first)
+    candidates: int = 2                  # layer auto: how many of the best-ranked (layer, matrix) to search
     compressed_probe: str | None = None
     batch_size: int = 16
     data_dir: str | None = None
@@ -85,6 +98,66 @@ class _Evaluator:
                 "harmful_refusal_score": h.mean().item(), "harmless_refusal_score": s.mean().item()}
 
 
+class _GenJudge:
+    """Refusal rates as `aird eval` measures them: greedy answers judged by a scorer plugin."""
+
+    def __init__(self, harmful: list[str], harmless: list[str], raw: list[str], scorer, max_new_tokens: int,
+                 batch_size: int):
+        self.harmful, self.harmless, self.raw = harmful, harmless, raw
+        self.scorer, self.max_new_tokens, self.batch_size = scorer, max_new_tokens, batch_size
+
+    def rates(self, lm: LoadedModel) -> dict:
+        from aird.core.generate import generate
+
+        texts = self.harmful + self.harmless
+        gens = generate(lm, texts, self.max_new_tokens, self.batch_size)
+        refused = self.scorer.refused(self.raw, [g.text for g in gens])
+        n = len(self.harmful)
+        ids = lm.adapter.refusal_token_ids(lm.tokenizer)
+        scores = refusal_scores(torch.stack([g.first_logits for g in gens]), ids)
+        return {"harmful_refusal_rate": sum(refused[:n]) / n, "harmless_refusal_rate": sum(refused[n:]) / (len(texts) - n),
+                "harmful_refusal_score": scores[:n].mean().item(), "harmless_refusal_score": scores[n:].mean().item()}
+
+
+def rank_writers(lm: LoadedModel, harmful: list[str], harmless: list[str], unit: torch.Tensor, which: list[str],
+                 batch_size: int, max_layer: int | None = None) -> list[dict]:
+    """Every (layer, matrix): the mean projection on r̂ of what the matrix writes at the post-instruction
+    positions, on harmful and on harmless prompts, and its selectivity — (μ_harmful − μ_harmless) times
+    (μ_harmful − μ_harmless) / (|μ_harmful| + |μ_harmless|): large when the matrix writes r̂ on harmful prompts
+    and nothing or −r̂ on harmless ones. Best first."""
+    positions = lm.adapter.post_instruction_positions(lm.tokenizer)
+    k = len(positions)
+    blocks = lm.adapter.layers(lm.model)
+    last = len(blocks) if max_layer is None else max_layer + 1
+    sums: dict[tuple[int, str], list[float]] = {(i, w): [0.0, 0.0] for i in range(last) for w in which}
+    cur: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    u = unit.to(lm.device)
+    for i in range(last):
+        for w in which:
+            def hook(_m, _a, out, key=(i, w)):
+                cur[key] = (out[:, -k:, :].float() @ u.float()).sum().item()
+            handles.append(lm.adapter.out_proj(blocks[i], w).register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            for side, texts in enumerate((harmful, harmless)):
+                for b in make_batches(lm, texts, batch_size):
+                    run_model(lm, b)
+                    for key, v in cur.items():
+                        sums[key][side] += v
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for (i, w), (sh, ss) in sums.items():
+        mh, ms = sh / (len(harmful) * k), ss / (len(harmless) * k)
+        gap = mh - ms
+        sel = gap / (abs(mh) + abs(ms)) if abs(mh) + abs(ms) > 0 else 0.0
+        rows.append({"layer": i, "matrix": w, "harmful_projection": mh, "harmless_projection": ms,
+                     "selectivity": sel, "score": gap * sel if gap > 0 else gap})
+    return sorted(rows, key=lambda r: -r["score"])
+
+
 def _targets(lm: LoadedModel, layer: int, which: list[str]) -> list[torch.nn.Linear]:
     if not lm.adapter.projections_write_residual:
         raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
@@ -113,6 +186,11 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     rep = reporter or Reporter()
     repair = plugins.get("repair", cfg.method)
     which = cfg.matrices()
+    if cfg.judge not in JUDGES:
+        raise AirdError(f"--judge must be {' or '.join(JUDGES)}, not {cfg.judge!r}.")
+    scorer = plugins.get("scorer", cfg.scorer) if cfg.judge == "generate" else None
+    if cfg.candidates < 1 or cfg.max_new_tokens < 1:
+        raise AirdError("--candidates and --max-new-tokens must be at least 1.")
     ref = open_probe(reference)
     n_layers = lm.n_layers
     if ref.summary["n_layers"] != n_layers or ref.chosen.shape[-1] != lm.model.config.hidden_size:
@@ -120,17 +198,12 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     src = ref.summary["source"]["layer"]
     if cfg.compressed_probe:
         src = open_probe(Path(cfg.compressed_probe)).summary["source"]["layer"]
-    if cfg.layer == "auto":
-        layers = sorted({max(0, src - k) for k in (1, 2, 3)})
-    elif cfg.layer is None:
-        layers = [max(0, src - 1)]
-    else:
+    if cfg.layer not in (None, "auto"):
         layer = int(cfg.layer)
         if not 0 <= layer < n_layers:
             raise AirdError(f"--layer must be in [0, {n_layers - 1}], got {layer}.")
-        layers = [layer]
     if cfg.alpha == "auto":
-        alphas = list(ALPHA_GRID)
+        alphas = list(GEN_ALPHA_GRID if cfg.judge == "generate" else ALPHA_GRID)
     else:
         try:
             alphas = [float(cfg.alpha)]
@@ -141,7 +214,7 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
 
     out = Path(out)
     jsonl = out / REPAIR_JSONL
-    config = {"model_path": lm.path, "reference": str(ref.path), **asdict(cfg), "layers": layers, "alphas": alphas}
+    config = {"model_path": lm.path, "reference": str(ref.path), **asdict(cfg), "alphas": alphas}
     done = finished_model_folder(out, REPAIR_JSONL, "repair.summary", config, force, ignore=NON_SEMANTIC)
     if done is not None:
         return {**done, "resumed": True}
@@ -156,28 +229,59 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     sets = load_prompt_sets(pcfg)
     harmful = format_prompts(lm, sets.harmful_val, pcfg.system_prompt)
     harmless = format_prompts(lm, sets.harmless_val, pcfg.system_prompt)
-    original = {"harmful_refusal_rate": ref.summary["baseline"]["harmful_refused_share"],
-                "harmless_refusal_rate": ref.summary["baseline"]["harmless_refused_share"]}
+    ranking = None
+    if cfg.layer == "auto":
+        with sw("ranking"), rep.stage("ranking the residual-writing matrices by selectivity", 1) as advance:
+            ranking = rank_writers(lm, format_prompts(lm, sets.harmful_train, pcfg.system_prompt),
+                                   format_prompts(lm, sets.harmless_train, pcfg.system_prompt), unit, which,
+                                   cfg.batch_size, max_layer=max(src, 0))
+            advance(1)
+        candidates = [(r["layer"], [r["matrix"]]) for r in ranking[: cfg.candidates]]
+    elif cfg.layer is None:
+        candidates = [(max(0, src - 1), which)]
+    else:
+        candidates = [(int(cfg.layer), which)]
+    for layer, mats in candidates:
+        _targets(lm, layer, mats)   # an unsupported family fails before the search
+
+    if cfg.judge == "generate":
+        judge = _GenJudge(harmful, harmless, [p.instruction for p in sets.harmful_val + sets.harmless_val], scorer,
+                          cfg.max_new_tokens, cfg.batch_size)
+        with sw("original_rates"), rep.stage("the original model's refusal rates (generation)", 1) as advance:
+            original = _original_rates(ref, judge, lm.device)
+            advance(1)
+        with sw("validation"), rep.stage("the compressed model's refusal rates (generation)", 1) as advance:
+            compressed = judge.rates(lm)
+            advance(1)
+        rates = lambda layer: judge.rates(lm)  # noqa: E731
+    else:
+        original = {"harmful_refusal_rate": ref.summary["baseline"]["harmful_refused_share"],
+                    "harmless_refusal_rate": ref.summary["baseline"]["harmless_refused_share"]}
+        with sw("validation_cache"):
+            ev = _Evaluator(lm, harmful, harmless, sorted({c[0] for c in candidates}), cfg.batch_size)
+            compressed = ev.rates(candidates[0][0])
+        rates = ev.rates
     before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
-    with sw("validation_cache"):
-        ev = _Evaluator(lm, harmful, harmless, layers, cfg.batch_size)
-        compressed = ev.rates(layers[0])
     guard = max(original["harmless_refusal_rate"], compressed["harmless_refusal_rate"]) + cfg.guard
     target = original["harmful_refusal_rate"]
     trials = []
-    with sw("search"), rep.stage("searching layer and α", len(layers) * len(alphas)) as advance:
-        for layer in layers:
-            mats = _targets(lm, layer, which)
-            for alpha in alphas:
-                saved = _apply(repair, mats, unit, alpha)
+    with sw("search"), rep.stage("searching layer, matrix and α", len(candidates) * len(alphas)) as advance:
+        for layer, mats in candidates:
+            targets = _targets(lm, layer, mats)
+            for k, alpha in enumerate(alphas):
+                saved = _apply(repair, targets, unit, alpha)
                 try:
-                    r = ev.rates(layer)
+                    r = rates(layer)
                 finally:
-                    _restore(mats, saved)
-                r.update(layer=layer, alpha=alpha, reaches_target=r["harmful_refusal_rate"] >= target,
+                    _restore(targets, saved)
+                r.update(layer=layer, matrix="+".join(mats), alpha=alpha,
+                         reaches_target=r["harmful_refusal_rate"] >= target,
                          within_guard=r["harmless_refusal_rate"] <= guard + 1e-9)
                 trials.append(r)
                 advance(1)
+                if cfg.judge == "generate" and (r["reaches_target"] or not r["within_guard"]):
+                    advance(len(alphas) - k - 1)   # ascending α: the smallest that works, or the guard broke
+                    break
     ok = [t for t in trials if t["reaches_target"] and t["within_guard"]]
     if ok:
         best = min(ok, key=lambda t: (t["alpha"], -t["harmful_refusal_rate"]))
@@ -188,9 +292,9 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
         else:        # every trial over-refuses: the mildest edit, never the one that refuses everything
             best = min(trials, key=lambda t: (t["alpha"], t["harmless_refusal_rate"]))
         rep.note("no α reached the original harmful refusal rate within the over-refusal guard; "
-                 f"taking layer {best['layer']}, α {best['alpha']} (flagged: target_reached false)")
-    mats = _targets(lm, best["layer"], which)
-    _apply(repair, mats, unit, best["alpha"])
+                 f"taking layer {best['layer']} {best['matrix']}, α {best['alpha']} (flagged: target_reached false)")
+    best_mats = best["matrix"].split("+")
+    _apply(repair, _targets(lm, best["layer"], best_mats), unit, best["alpha"])
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
                                                                     "method": repair.name})
@@ -200,16 +304,35 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     lay_a = next(r for r in sa["per_layer"] if r["layer"] == best["layer"])
     edited = {name: {"before": lay_b["matrices"][name]["sparsity"], "after": m["sparsity"]}
               for name, m in lay_a["matrices"].items() if name.endswith(("o_proj", "down_proj"))}
+    keys = ("harmful_refusal_rate", "harmless_refusal_rate", "harmful_refusal_score", "harmless_refusal_score")
     summary = run.record(
-        "repair.summary", method=repair.name, layer=best["layer"], matrix=cfg.matrix, alpha=best["alpha"],
-        source_layer=src, reference_source=ref.summary["source"],
+        "repair.summary", method=repair.name, layer=best["layer"], matrix=best["matrix"] if cfg.layer == "auto"
+        else cfg.matrix, alpha=best["alpha"], source_layer=src, reference_source=ref.summary["source"],
         layer_sparsity={"before": lay_b["sparsity"], "after": lay_a["sparsity"], "matrices": edited},
         sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
-        validation={"original": original, "compressed": compressed, "repaired": {k: best[k] for k in (
-            "harmful_refusal_rate", "harmless_refusal_rate", "harmful_refusal_score", "harmless_refusal_score")},
-            "target_harmful_refusal_rate": target, "harmless_guard": guard, "target_reached": bool(ok),
-            "trials": trials, "n_harmful": len(harmful), "n_harmless": len(harmless)},
+        ranking=ranking[:10] if ranking else None,
+        validation={"judge": cfg.judge, "original": original, "compressed": compressed,
+                    "repaired": {k: best[k] for k in keys if k in best},
+                    "target_harmful_refusal_rate": target, "harmless_guard": guard, "target_reached": bool(ok),
+                    "trials": trials, "n_harmful": len(harmful), "n_harmless": len(harmless)},
         seconds=round(time.perf_counter() - t0, 3), timings=dict(run.timings), out=str(out), path=str(out),
     )
     write_jsonl(jsonl, [summary])
     return summary
+
+
+def _original_rates(ref, judge: _GenJudge, device) -> dict:
+    """The original model's generated refusal rates on the validation prompts, from the model the reference
+    probe was made on (cached beside the probe's artifacts is not ours to write: recomputed per repair)."""
+    from aird.core.loading import load_model
+
+    path = ref.summary["config"].get("model_path")
+    try:
+        orig = load_model(path, device=str(device))
+    except AirdError as exc:
+        raise AirdError(f"the generate judge needs the original model of the reference probe ({path}): {exc} "
+                        "Use --judge score to repair without it.") from None
+    try:
+        return judge.rates(orig)
+    finally:
+        del orig

@@ -55,7 +55,7 @@ PROFILES: dict[str, dict] = {
         "calibration": {"calib": "harmless", "calib_samples": 32, "calib_seq_len": 256},
         "probe": {"n_train": 64, "n_val": 24, "top_k": 1, "max_scored": 5},
         "repair": {"methods": ["aird"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
-                   "alpha": "auto", "layer": None},
+                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 1, "max_new_tokens": 24},
         "eval": {"harmful": ["advbench", "jailbreakbench"], "benign": ["jailbreakbench_benign", "alpaca"],
                  "jailbreaks": [], "limit": 16, "task_limit": 20, "max_new_tokens": 32, "ppl_windows": 4,
                  "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
@@ -68,7 +68,7 @@ PROFILES: dict[str, dict] = {
         "calibration": {"calib": "harmless", "calib_samples": 64, "calib_seq_len": 512},
         "probe": {"n_train": 128, "n_val": 32, "top_k": 3, "max_scored": 30},
         "repair": {"methods": ["aird", "aird-sparse"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
-                   "alpha": "auto", "layer": None},
+                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 2, "max_new_tokens": 24},
         "eval": {"harmful": ["advbench", "jailbreakbench"], "benign": ["jailbreakbench_benign", "alpaca"],
                  "jailbreaks": ["jbb_gcg", "jbb_pair", "jbb_aim"], "limit": None, "task_limit": 500,
                  "max_new_tokens": 64, "ppl_windows": 40,
@@ -286,7 +286,7 @@ class _Study:
             self.forget()   # the edit is applied to the loaded model
             cfg = RepairConfig(method=method, layer=rc.get("layer"), matrix=rc["matrix"], alpha=rc["alpha"],
                                compressed_probe=str(parent.folder / "probe"), data_dir=self.data_dir,
-                               device=self.device, **{k: rc[k] for k in ("guard",) if k in rc})
+                               device=self.device, **{k: rc[k] for k in ("guard", "judge", "candidates", "max_new_tokens") if k in rc})
             s = run_repair(self.lm(parent.model_path), original.folder / "probe", cfg, model_dir, reporter=self.rep)
             self.forget()
             return s
