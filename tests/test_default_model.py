@@ -106,3 +106,19 @@ def test_default_model_compression(tmp_path, method, options, check):
     original = load_file(str(converted_dir(registry.lookup("default")) / "model.safetensors"))
     for name, share in s["other_sparsity"].items():
         assert share == pytest.approx(float((original[name] == 0).float().mean()), abs=1e-9), name
+
+
+def test_default_zero_shot_equals_lm_eval_run_directly(tmp_path):
+    """aird's zero-shot numbers (the loaded model handed to lm-eval) equal lm-eval loading the same model folder
+    itself, on a small subset of the local task files."""
+    pytest.importorskip("lm_eval")
+    from aird.core.loading import load_model, resolve_model_path
+    from aird.core.zeroshot import run_zero_shot
+
+    lm = load_model("default", device="cpu")
+    tasks = ["arc_easy", "piqa", "rte"]
+    ours = run_zero_shot(lm, tasks, tmp_path / "ours", None, limit=12)
+    direct = run_zero_shot(lm, tasks, tmp_path / "direct", None, limit=12,
+                           model_for_lm_eval=resolve_model_path("default"))
+    assert ours == direct
+    assert all(ours[t]["n"] == 12 and 0 <= ours[t]["acc"] <= 1 for t in tasks)

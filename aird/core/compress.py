@@ -8,11 +8,14 @@ achieved from the written weights: sparsity, N:M compliance, bits (distinct valu
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from safetensors.torch import save_file
 
 from aird.core import plugins
 from aird.core.artifacts import Run, Stopwatch, finished_model_folder, write_jsonl
@@ -20,7 +23,7 @@ from aird.core.data import load_set, sample
 from aird.core.env import default_data_dir
 from aird.core.errors import AirdError
 from aird.core.loading import LoadedModel, save_model_folder
-from aird.core.measure import decoder_linear_weights, summarize
+from aird.core.measure import LazyTensors, decoder_linear_weights, summarize
 from aird.core.progress import Reporter
 
 COMPRESS_JSONL = "compress.jsonl"
@@ -164,7 +167,11 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
 
     run = Run("compress", lm.spec, config, cfg.seed)
     sw = Stopwatch(run.timings)
-    original = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
+    # the original weights wait on disk, not in memory: peak RAM stays near one copy of the model
+    scratch = tempfile.TemporaryDirectory(prefix="aird-compress-")
+    save_file({k: v.detach().contiguous() for k, v in decoder_linear_weights(lm.model.state_dict()).items()},
+              str(Path(scratch.name) / "original.safetensors"))
+    original = LazyTensors(Path(scratch.name) / "original.safetensors")
     keys = list(lm.model.state_dict().keys())
     with sw("calibration_data"):
         calib = calibration_set(lm, cfg) if getattr(plugin, "needs_calibration", True) else None
@@ -182,11 +189,10 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"compressed_from": lm.path, "method": plugin.name},
                           tensors=tensors)
     with sw("measure"):
-        from safetensors.torch import load_file
-
-        written = load_file(str(out / "model.safetensors"))
+        written = LazyTensors(out / "model.safetensors")
         nm = parse_pattern(params.get("pattern")) if params.get("pattern") else None
         stats = summarize(written, original, group_size=params.get("group_size"), nm=nm, bits=params.get("bits"))
+    scratch.cleanup()
     summary = run.record(
         "compress.summary",
         method=plugin.name,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -16,8 +18,47 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def decoder_linear_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The 2-D weight matrices inside the decoder layers (the Linear layers compression targets)."""
+class LazyTensors(Mapping):
+    """The tensors of a safetensors file, each read only when asked for (and not kept): measuring a written
+    model one matrix at a time instead of holding a second copy of it in memory."""
+
+    def __init__(self, path: Path | str, keys: list[str] | None = None):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        with safe_open(self.path, framework="pt") as f:
+            self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        self._keys = list(self._shapes) if keys is None else [k for k in keys if k in self._shapes]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def dims(self, key: str) -> int:
+        return len(self._shapes[key])
+
+    def subset(self, keys: list[str]) -> "LazyTensors":
+        view = LazyTensors.__new__(LazyTensors)
+        view.path, view._shapes, view._keys = self.path, self._shapes, [k for k in keys if k in self._shapes]
+        return view
+
+
+def decoder_linear_weights(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The 2-D weight matrices inside the decoder layers (the Linear layers compression targets); lazy for a
+    LazyTensors."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.subset([k for k in tensors if k.endswith(".weight") and tensors.dims(k) == 2
+                               and layer_of(k) is not None])
     return {k: v for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2 and layer_of(k) is not None}
 
 
@@ -45,7 +86,7 @@ def nm_compliant(w: torch.Tensor, n: int, m: int) -> bool:
     return bool(((w.reshape(rows, cols // m, m) != 0).sum(-1) <= n).all())
 
 
-def summarize(tensors: dict[str, torch.Tensor], original: dict[str, torch.Tensor] | None = None,
+def summarize(tensors: Mapping[str, torch.Tensor], original: Mapping[str, torch.Tensor] | None = None,
               group_size: int | None = None, nm: tuple[int, int] | None = None,
               bits: int | None = None) -> dict:
     """Achieved sparsity (exact zeros over all decoder Linear weights), per-layer sparsity and relative error,
@@ -87,8 +128,9 @@ def summarize(tensors: dict[str, torch.Tensor], original: dict[str, torch.Tensor
             "rel_error": math.sqrt(lay["err_num"] / lay["err_den"]) if lay["err_den"] else None,
             "matrices": lay["matrices"],
         })
-    other = {k: float((v == 0).float().mean()) for k, v in tensors.items()
-             if k.endswith(".weight") and v.dim() == 2 and layer_of(k) is None}
+    other = {k: float((tensors[k] == 0).float().mean()) for k in tensors
+             if k.endswith(".weight") and layer_of(k) is None
+             and (tensors.dims(k) if isinstance(tensors, LazyTensors) else tensors[k].dim()) == 2}
     out = {
         "sparsity": zeros / total if total else 0.0,
         "n_weights": total,
