@@ -43,7 +43,7 @@ from aird.core.progress import Reporter
 
 REPAIR_JSONL = "repair.jsonl"
 ALPHA_GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
-GEN_ALPHA_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)    # the generation judge: fewer, wider steps (each costs more)
+GEN_ALPHA_GRID = (2.0, 4.0, 8.0, 16.0, 32.0)    # the generation judge: fewer, wider steps (each costs more)
 JUDGES = ("generate", "score")
 NON_SEMANTIC = ("device", "data_dir", "threads", "batch_size")
 

@@ -55,7 +55,7 @@ PROFILES: dict[str, dict] = {
         "calibration": {"calib": "harmless", "calib_samples": 32, "calib_seq_len": 256},
         "probe": {"n_train": 64, "n_val": 24, "top_k": 1, "max_scored": 5},
         "repair": {"methods": ["aird"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
-                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 1, "max_new_tokens": 24},
+                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 1, "max_new_tokens": 16},
         "eval": {"harmful": ["advbench", "jailbreakbench"], "benign": ["jailbreakbench_benign", "alpaca"],
                  "jailbreaks": [], "limit": 16, "task_limit": 20, "max_new_tokens": 32, "ppl_windows": 4,
                  "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
