@@ -170,3 +170,9 @@ def test_repair_when_moved_only(monkeypatch):
     assert study_mod.moved({"cosine_chosen": 0.95, "source": {"moved": False}}, 0.9) is False
     assert study_mod.moved({"cosine_chosen": 0.95, "source": {"moved": True}}, 0.9) is True
     assert study_mod.moved({"cosine_chosen": 0.85, "source": {"moved": False}}, 0.9) is True
+
+
+def test_study_of_a_missing_model_writes_nothing(tmp_path):
+    r = CliRunner().invoke(app, ["study", "--quick", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "not found" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

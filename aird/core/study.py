@@ -313,8 +313,13 @@ def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | No
               device: str | None = None, data_dir: str | None = None) -> StudyResult:
     from aird.core.report import findings, write_report
 
+    from aird.core.loading import resolve_model_path
+
     rep = reporter or Reporter()
+    resolve_model_path(cfg["model"])   # a missing model fails here, before anything is written
     out = Path(out)
+    if out.is_file():
+        raise ArtifactError(f"{out} is a file; the study needs a folder.")
     out.mkdir(parents=True, exist_ok=True)
     stored = out / STUDY_JSON
     semantic = {k: v for k, v in cfg.items()}
@@ -337,12 +342,9 @@ def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | No
     run = Run("study", cfg["model"], semantic, cfg["seed"])
     atomic_write_text(stored, json.dumps(run.record("study.config"), indent=1, default=str) + "\n")
     t0 = time.perf_counter()
-    from aird.core.loading import resolve_model_path
-
     entries: list[Entry] = []
     with rep.stage("study", n_steps(cfg)) as advance:
         st = _Study(cfg, out, rep, device, data_dir, advance)
-        resolve_model_path(cfg["model"])   # a missing model fails here, before any step
         original = Entry("original", "original", out / "original", cfg["model"])
         entries.append(original)
         st.probe(original)
