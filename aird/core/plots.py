@@ -16,9 +16,14 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    """Write the figure atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
+    plt.close(fig)
 
 
 def plot_probe(path: Path, n_layers: int, positions: list[int], scored: list[dict], proxy: dict, summary: dict) -> None:
@@ -54,7 +59,6 @@ def plot_probe(path: Path, n_layers: int, positions: list[int], scored: list[dic
         ax.legend(fontsize=7)
     fig.suptitle(f"{summary['model']}: chosen layer {src['layer']}, position {src['position']} (refusal scores)", y=1.03)
     _save(fig, path)
-    plt.close(fig)
 
 
 def plot_cosine(path: Path, summary: dict) -> None:
@@ -76,9 +80,7 @@ def plot_cosine(path: Path, summary: dict) -> None:
     ax.legend(fontsize=7, loc="lower right")
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_title(f"cosine(original, compressed); chosen: {summary['cosine_chosen']:.3f}", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
-    plt.close(fig)
 
 
 def plot_asr(path: Path, summaries: dict[str, dict]) -> bool:
@@ -114,9 +116,7 @@ def plot_asr(path: Path, summaries: dict[str, dict]) -> bool:
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
-    plt.close(fig)
     return True
 
 
@@ -145,7 +145,5 @@ def plot_refusal_scores(path: Path, scores: dict[str, dict[str, list[float]]]) -
         ax.axis("off")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
-    plt.close(fig)
     return True
