@@ -122,9 +122,11 @@ class _GenJudge:
 def rank_writers(lm: LoadedModel, harmful: list[str], harmless: list[str], unit: torch.Tensor, which: list[str],
                  batch_size: int, max_layer: int | None = None) -> list[dict]:
     """Every (layer, matrix): the mean projection on r̂ of what the matrix writes at the post-instruction
-    positions, on harmful and on harmless prompts, and its selectivity — (μ_harmful − μ_harmless) times
-    (μ_harmful − μ_harmless) / (|μ_harmful| + |μ_harmless|): large when the matrix writes r̂ on harmful prompts
-    and nothing or −r̂ on harmless ones. Best first."""
+    positions, on harmful and on harmless prompts, its selectivity s = (μ_harmful − μ_harmless) /
+    (|μ_harmful| + |μ_harmless|) (1 when it writes r̂ on harmful prompts and nothing or −r̂ on harmless ones), and
+    its score gap · s²: the separation an edit adds per unit α, discounted twice for what it also adds to harmless
+    prompts (on the Wanda-50% default model the source layer's MLP has the larger gap, s = 0.25, and raises
+    harmless refusals with harmful ones; layer 10's attention, s = 1, does not). Best first."""
     positions = lm.adapter.post_instruction_positions(lm.tokenizer)
     k = len(positions)
     blocks = lm.adapter.layers(lm.model)
@@ -154,7 +156,7 @@ def rank_writers(lm: LoadedModel, harmful: list[str], harmless: list[str], unit:
         gap = mh - ms
         sel = gap / (abs(mh) + abs(ms)) if abs(mh) + abs(ms) > 0 else 0.0
         rows.append({"layer": i, "matrix": w, "harmful_projection": mh, "harmless_projection": ms,
-                     "selectivity": sel, "score": gap * sel if gap > 0 else gap})
+                     "selectivity": sel, "score": gap * sel * sel if gap > 0 else gap})
     return sorted(rows, key=lambda r: -r["score"])
 
 
