@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--probe-args", default="--n-train 64 --n-val 24 --top-k 1 --max-scored 5")
     ap.add_argument("--eval-limit", type=int, default=16)
     ap.add_argument("--record", type=Path)
+    ap.add_argument("--no-subcommands", action="store_true", help="only the matmul peak and the probe's share")
     args = ap.parse_args()
     import torch
 
@@ -124,7 +125,7 @@ def main() -> None:
             ("eval safety", aird + ["eval", "--model", args.model, "--limit", str(args.eval_limit),
                                     "--max-new-tokens", "32", "--out", str(tmp / "e")]),
         ]
-        for name, cmd in steps:
+        for name, cmd in ([] if args.no_subcommands else steps):
             wall, rss, rc = child(cmd)
             record_row(f"| {date} | {name} | `{' '.join(shlex.quote(c) for c in cmd[2:]).replace(str(tmp), 'TMP')}` | "
                        f"{wall:.0f} | {rss:.0f} | {'ok' if rc == 0 else f'exit {rc}'} | {mach} |", args.record)
