@@ -102,3 +102,16 @@ def test_shared_jailbreak_artifacts():
     assert len(load_jailbreak("jbb_pair")) == 82
     wild = load_jailbreak("wild", n_templates=2)
     assert len(wild) == 200 and len({p.source for p in wild}) == 2
+
+
+def test_stratified_limit_covers_every_category_and_is_seeded():
+    from aird.core.data import Prompt, stratified
+
+    prompts = [Prompt(f"p{i}", f"c{i // 10}") for i in range(100)]   # ten categories in blocks of ten
+    a = stratified(prompts, 16, seed=1)
+    assert len(a) == 16 and {p.category for p in a} == {f"c{k}" for k in range(10)}
+    assert a == stratified(prompts, 16, seed=1) and a != stratified(prompts, 16, seed=2)
+    assert [int(p.instruction[1:]) for p in a] == sorted(int(p.instruction[1:]) for p in a)   # original order
+    assert stratified(prompts, None, 0) == prompts and stratified(prompts, 500, 0) == prompts
+    flat = [Prompt(f"q{i}", None) for i in range(10)]
+    assert len(stratified(flat, 4, 0)) == 4

@@ -206,6 +206,27 @@ def load_set(name: str, data_dir: str | Path | None = None, allow_hub: bool = Tr
     raise DataNotFound(f"prompt set {name!r} not found: looked at {where}.")
 
 
+def stratified(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
+    """At most ``n`` prompts spread evenly over the categories (a seeded shuffle within each, then one from
+    each category in turn), kept in their original order; all prompts when ``n`` is None or large enough. A
+    limited run of a categorized set then still covers every category."""
+    if n is None or n >= len(prompts):
+        return list(prompts)
+    rng = random.Random(seed)
+    groups: dict[str | None, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p.category, []).append(i)
+    for g in groups.values():
+        rng.shuffle(g)
+    order = sorted(groups, key=lambda c: (c is None, str(c)))
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for c in order:
+            if groups[c] and len(chosen) < n:
+                chosen.append(groups[c].pop())
+    return [prompts[i] for i in sorted(chosen)]
+
+
 def sample(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
     """A seeded sample without replacement (all prompts, shuffled, when n is None or too large)."""
     rng = random.Random(seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aird.core import plugins
 from aird.core.artifacts import Run, append_jsonl, check_resumable, read_jsonl, write_jsonl
-from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample
+from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample, stratified
 from aird.core.directions import refusal_scores
 from aird.core.errors import AirdError
 from aird.core.generate import generate
@@ -39,13 +39,14 @@ class EvalConfig:
     prompts_as: str = "harmful"
     column: str | None = None
     category_column: str | None = None
-    limit: int | None = None              # prompts per set
+    limit: int | None = None              # prompts per set (spread over its categories, seeded)
     task_limit: int | None = None         # examples per zero-shot task (None: same as limit)
     alpaca_n: int = 100
     max_new_tokens: int = 64
     scorer: str = "substring"
     system_prompt: str | None = None
     seed: int = 42
+    selection: str = "stratified"         # how --limit picks prompts (recorded: older runs took the first N)
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq",
                                                       "winogrande", "openbookqa", "rte"])
     ppl_windows: int | None = 40          # WikiText-2 windows evaluated (None: all)
@@ -79,7 +80,7 @@ def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise AirdError("--limit must be at least 1.")
-        out = [(n, r, p[: cfg.limit]) for n, r, p in out]
+        out = [(n, r, stratified(p, cfg.limit, cfg.seed)) for n, r, p in out]
     return out
 
 

@@ -338,3 +338,6 @@ def _original_rates(ref, judge: _GenJudge, device) -> dict:
         return judge.rates(orig)
     finally:
         del orig
+        import gc
+
+        gc.collect()

@@ -161,6 +161,13 @@ def findings(entries: list["Entry"], cfg: dict) -> list[dict]:
         "partly holds" if any(ok for _, ok, _ in five) else "does not hold",
         "evidence": "; ".join(t for *_, t in five) or "no model was repaired",
     })
+    ev = cfg.get("eval") or {}
+    sizes = {"3": f" [ASR on {ev.get('limit') or 'all'} prompts per set]",
+             "4": f" [ASR on {ev.get('limit') or 'all'} prompts per set]",
+             "5": f" [zero-shot on {ev.get('task_limit') or 'all'} examples per task]"}
+    if ev:
+        for f in out:
+            f["evidence"] += sizes.get(f["finding"][0], "")
     return out
 
 

@@ -189,7 +189,10 @@ class _Study:
         return self._lm
 
     def forget(self) -> None:
+        import gc
+
         self._lm, self._lm_path = None, None
+        gc.collect()   # a model with hooks sits in reference cycles: free it before the next one loads
 
     def step(self, name: str, fn: Callable[[], dict]) -> dict:
         self.advance(0, description=f"study: {name}")
