@@ -80,7 +80,10 @@ def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise AirdError("--limit must be at least 1.")
-        out = [(n, r, stratified(p, cfg.limit, cfg.seed)) for n, r, p in out]
+        if cfg.selection not in ("stratified", "first"):
+            raise AirdError(f"--selection must be stratified or first, not {cfg.selection!r}.")
+        out = [(n, r, stratified(p, cfg.limit, cfg.seed) if cfg.selection == "stratified" else p[: cfg.limit])
+               for n, r, p in out]
     return out
 
 
