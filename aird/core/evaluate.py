@@ -167,7 +167,10 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
             from aird.core.zeroshot import run_zero_shot
 
             with rep.stage(f"zero-shot tasks through lm-eval ({', '.join(missing)})", 1) as advance:
-                res = run_zero_shot(lm, missing, out / "lm_eval_tasks", cfg.data_dir, cfg.tasks_limit, cfg.batch_size)
+                # lm-eval scores whole sequences with full-vocabulary logits (152k for Qwen): batches of 16 long
+                # HellaSwag/BoolQ contexts took the process to 17 GB; 4 keeps it near the model's own size
+                res = run_zero_shot(lm, missing, out / "lm_eval_tasks", cfg.data_dir, cfg.tasks_limit,
+                                    min(cfg.batch_size, 4))
                 advance(1)
             new = [run.record("eval.task", task=t, **v) for t, v in res.items()]
             append_jsonl(jsonl, new)
