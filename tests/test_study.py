@@ -176,3 +176,10 @@ def test_study_of_a_missing_model_writes_nothing(tmp_path):
     r = CliRunner().invoke(app, ["study", "--quick", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "not found" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_finding_one_needs_a_model_that_refuses():
+    e = _e("prune", "compressed", "pruning", cos=0.5, asr=1.0, zs=0.3)
+    e.probe["baseline"]["harmful_refusal_score"] = -3.0
+    f = findings([_e("original", "original", asr=1.0, zs=0.3), e], {})[0]
+    assert f["verdict"] == "not tested" and "do not refuse" in f["evidence"]
