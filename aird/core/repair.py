@@ -236,7 +236,7 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
         with sw("ranking"), rep.stage("ranking the residual-writing matrices by selectivity", 1) as advance:
             ranking = rank_writers(lm, format_prompts(lm, sets.harmful_train, pcfg.system_prompt),
                                    format_prompts(lm, sets.harmless_train, pcfg.system_prompt), unit, which,
-                                   cfg.batch_size, max_layer=max(src, 0))
+                                   cfg.batch_size, max_layer=max(src, ref.summary["source"]["layer"]))
             advance(1)
         candidates = [(r["layer"], [r["matrix"]]) for r in ranking[: cfg.candidates]]
     elif cfg.layer is None:
