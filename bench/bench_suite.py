@@ -56,8 +56,7 @@ def probe_flops(model: str, probe_args: dict, out: Path) -> dict:
     counts = {"layer": 0, "head": 0}
     blocks = lm.adapter.layers(lm.model)
     for b in blocks:
-        b.register_forward_pre_hook(lambda m, a, kw=None: counts.__setitem__("layer", counts["layer"] + _tokens(a)),
-                                    with_kwargs=False)
+        b.register_forward_pre_hook(lambda m, a: counts.__setitem__("layer", counts["layer"] + _tokens(a)))
     head = lm.model.get_output_embeddings()
     head.register_forward_pre_hook(lambda m, a: counts.__setitem__("head", counts["head"] + _tokens(a)))
     per_layer = sum(p.numel() for p in blocks[0].parameters())
@@ -97,8 +96,6 @@ def main() -> None:
     ap.add_argument("--record", type=Path)
     ap.add_argument("--no-subcommands", action="store_true", help="only the matmul peak and the probe's share")
     args = ap.parse_args()
-    import torch
-
     from aird.core.env import set_threads
 
     threads = set_threads()
@@ -129,7 +126,6 @@ def main() -> None:
             wall, rss, rc = child(cmd)
             record_row(f"| {date} | {name} | `{' '.join(shlex.quote(c) for c in cmd[2:]).replace(str(tmp), 'TMP')}` | "
                        f"{wall:.0f} | {rss:.0f} | {'ok' if rc == 0 else f'exit {rc}'} | {mach} |", args.record)
-    del torch
 
 
 if __name__ == "__main__":

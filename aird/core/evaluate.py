@@ -87,6 +87,18 @@ def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
     return out
 
 
+def answer_and_judge(lm: LoadedModel, texts: list[str], prompts: list[str], scorer, max_new_tokens: int,
+                     batch_size: int, progress=None):
+    """Greedy answers of chat-formatted ``texts``, whether the scorer judges each a refusal (given the raw
+    ``prompts``), and each answer's first-token refusal score. Shared by eval and repair's generate judge."""
+    import torch
+
+    gens = generate(lm, texts, max_new_tokens, batch_size, progress=progress)
+    refused = scorer.refused(prompts, [g.text for g in gens])
+    scores = refusal_scores(torch.stack([g.first_logits for g in gens]), lm.adapter.refusal_token_ids(lm.tokenizer))
+    return gens, refused, scores
+
+
 def aggregate(records: list[dict]) -> dict:
     """ASR (harmful: share not refused) and over-refusal (benign: share refused), overall and per category."""
     by_set: dict[str, list[dict]] = defaultdict(list)
@@ -111,7 +123,6 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
              reporter: Reporter | None = None) -> dict:
     """Run the requested suites ("safety", "utility") and write eval.jsonl: one record per prompt (streamed),
     one per utility task, and the summary."""
-    import torch
 
     rep = reporter or Reporter()
     unknown = [x for x in suites if x not in ("safety", "utility")]
@@ -138,7 +149,6 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     run = Run("eval", lm.spec, config, cfg.seed)
     timings: dict[str, float] = {}
     done_keys = {(r["set"], r["index"]) for r in records if r["record"] == "eval.prompt"}
-    ids = lm.adapter.refusal_token_ids(lm.tokenizer)
     todo = [(name, role, i, p) for name, role, prompts in sets for i, p in enumerate(prompts)
             if (name, i) not in done_keys]
     n_tokens, t0 = 0, time.perf_counter()
@@ -147,9 +157,9 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
         for s in range(0, len(todo), step):
             chunk = todo[s : s + step]
             texts = [lm.adapter.format(lm.tokenizer, p.instruction, cfg.system_prompt) for *_, p in chunk]
-            gens = generate(lm, texts, cfg.max_new_tokens, cfg.batch_size, progress=advance)
-            refused = scorer.refused([p.instruction for *_, p in chunk], [g.text for g in gens])
-            scores = refusal_scores(torch.stack([g.first_logits for g in gens]), ids).tolist()
+            gens, refused, scores = answer_and_judge(lm, texts, [p.instruction for *_, p in chunk], scorer,
+                                                     cfg.max_new_tokens, cfg.batch_size, progress=advance)
+            scores = scores.tolist()
             new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category, prompt=p.instruction,
                               completion=g.text, refused=bool(rf), refusal_score=sc, new_tokens=g.n_new_tokens)
                    for (name, role, i, p), g, rf, sc in zip(chunk, gens, refused, scores)]

@@ -107,15 +107,12 @@ class _GenJudge:
         self.scorer, self.max_new_tokens, self.batch_size = scorer, max_new_tokens, batch_size
 
     def rates(self, lm: LoadedModel) -> dict:
-        from aird.core.generate import generate
+        from aird.core.evaluate import answer_and_judge
 
-        texts = self.harmful + self.harmless
-        gens = generate(lm, texts, self.max_new_tokens, self.batch_size)
-        refused = self.scorer.refused(self.raw, [g.text for g in gens])
+        _, refused, scores = answer_and_judge(lm, self.harmful + self.harmless, self.raw, self.scorer,
+                                              self.max_new_tokens, self.batch_size)
         n = len(self.harmful)
-        ids = lm.adapter.refusal_token_ids(lm.tokenizer)
-        scores = refusal_scores(torch.stack([g.first_logits for g in gens]), ids)
-        return {"harmful_refusal_rate": sum(refused[:n]) / n, "harmless_refusal_rate": sum(refused[n:]) / (len(texts) - n),
+        return {"harmful_refusal_rate": sum(refused[:n]) / n, "harmless_refusal_rate": sum(refused[n:]) / (len(refused) - n),
                 "harmful_refusal_score": scores[:n].mean().item(), "harmless_refusal_score": scores[n:].mean().item()}
 
 
@@ -325,7 +322,7 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
 
 def _original_rates(ref, judge: _GenJudge, device) -> dict:
     """The original model's generated refusal rates on the validation prompts, from the model the reference
-    probe was made on (cached beside the probe's artifacts is not ours to write: recomputed per repair)."""
+    probe was made on (recomputed by each repair: the reference probe's folder is not repair's to write)."""
     from aird.core.loading import load_model
 
     path = ref.summary["config"].get("model_path")

@@ -238,15 +238,12 @@ def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], fou
         b.append(("p", "No model was repaired: no compressed model's direction moved past the threshold "
                        f"(source moved, or cosine below {cfg['repair']['moved_below_cosine']})."))
 
-    cats = sorted({c for e in entries if e.eval for h in harmful for c in e.eval["asr_by_category"].get(h, {})
-                   if len(e.eval["asr_by_category"].get(h, {})) > 1})
     for h in harmful:
         percat = {e.name: e.eval["asr_by_category"].get(h, {}) for e in entries if e.eval}
         cs = sorted({c for v in percat.values() for c in v})
         if len(cs) > 1:
             b.append(("h", 2, f"ASR by category: {h}"))
             b.append(("table", ["category", *percat], [[c, *[_f(v.get(c)) for v in percat.values()]] for c in cs]))
-    del cats
 
     tasks = list(ev["tasks"])
     if any(e.eval and e.eval.get("zero_shot") for e in entries):

@@ -325,7 +325,7 @@ def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | No
         raise ArtifactError(f"{out} is a file; the study needs a folder.")
     out.mkdir(parents=True, exist_ok=True)
     stored = out / STUDY_JSON
-    semantic = {k: v for k, v in cfg.items()}
+    semantic = cfg
     if stored.exists() and not force:
         old = json.loads(stored.read_text())
         if old.get("config") != semantic:
