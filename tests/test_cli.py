@@ -121,6 +121,19 @@ def test_compress_diff_repair_pipeline(refusing, tmp_path):
     assert r["record"] == "repair.summary" and r["sparsity"]["after"] == r["sparsity"]["before"]
 
 
+def test_llm_compressor_methods_keep_stdout_pure_jsonl(refusing, tmp_path):
+    """llm-compressor logs to stdout on import; a pipeline reading aird's stdout must see only its records."""
+    model_dir, data = refusing
+    res = aird("compress", "--model", str(model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+               "--format", "compressed-tensors", "--out", str(tmp_path / "q"), "--data-dir", str(data))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 1, res.stdout[:500]
+    rec = json.loads(lines[0])
+    assert rec["record"] == "compress.summary" and rec["format"] == "compressed-tensors" and rec["bits"] <= 4
+    assert "No accelerator available" in res.stderr   # its warnings still reach the user, on stderr
+
+
 def test_bad_compress_and_repair_input(refusing, tmp_path):
     model_dir, data = refusing
     assert_one_sentence_error(aird("compress", "--model", str(model_dir), "--method", "nope"), "unknown compressor")

@@ -23,12 +23,13 @@ def tiny_folder(tmp_path_factory):
     return root / "model", tiny.write_data_dir(root / "data")
 
 
-def compress(tiny_folder, tmp_path, method, **params):
+def compress(tiny_folder, tmp_path, method, fmt="auto", name=None, **params):
     folder, data = tiny_folder
     lm = load_model(str(folder), device="cpu")
-    cfg = CompressConfig(method=method, params=params, data_dir=str(data), calib_samples=8, calib_seq_len=64)
-    res = run_compress(lm, cfg, tmp_path / method)
-    return res.summary, load_file(str(tmp_path / method / "model.safetensors"))
+    cfg = CompressConfig(method=method, params=params, data_dir=str(data), calib_samples=8, calib_seq_len=64,
+                         format=fmt)
+    res = run_compress(lm, cfg, tmp_path / (name or method))
+    return res.summary, load_file(str(tmp_path / (name or method) / "model.safetensors"))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -160,3 +161,40 @@ def test_w8a8_int8_weights_and_activation_quantization_on_reload(tiny_folder, tm
 def test_w8a8_takes_no_group_size(tiny_folder, tmp_path):
     with pytest.raises(AirdError, match="group"):
         compress(tiny_folder, tmp_path, "w8a8", group_size=32)
+
+
+@pytest.mark.parametrize("method,params,packed", [("rtn", {"bits": 4, "group_size": 32}, "weight_packed"),
+                                                  ("gptq", {"bits": 4, "group_size": 32}, "weight_packed"),
+                                                  ("w8a8", {}, "weight")])
+def test_compressed_tensors_format_packs_and_loads_back_as_the_dense_folder(tiny_folder, tmp_path, method, params,
+                                                                             packed):
+    dense, _ = compress(tiny_folder, tmp_path, method, fmt="dense", name="dense", **params)
+    s, written = compress(tiny_folder, tmp_path, method, fmt="compressed-tensors", name="ct", **params)
+    assert dense["format"] == "dense" and s["format"] == "compressed-tensors"   # auto is dense on a CPU
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and "aird_activation_quantization" not in cfg
+    weights = q["config_groups"]["group_0"]["weights"]
+    assert weights["num_bits"] == params.get("bits", 8)
+    key = f"model.layers.0.mlp.down_proj.{packed}"
+    if packed == "weight_packed":   # eight int4 values per int32
+        assert written[key].dtype == torch.int32 and written[key].shape[1] * 8 == 128
+        assert "model.layers.0.mlp.down_proj.weight" not in written
+    else:                           # int8 weights stored as int8, int8 activations in the config
+        assert written[key].dtype == torch.int8 and q["config_groups"]["group_0"]["input_activations"]["num_bits"] == 8
+    # the packed folder holds the same quantized weights: measured the same, loaded the same
+    assert s["sparsity"] == dense["sparsity"] and s["max_distinct_per_group"] == dense["max_distinct_per_group"]
+    a, b = load_model(str(tmp_path / "dense"), device="cpu"), load_model(str(tmp_path / "ct"), device="cpu")
+    wa, wb = decoder_linear_weights(a.model.state_dict()), decoder_linear_weights(b.model.state_dict())
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    x = torch.randint(8, 60, (2, 7))
+    with torch.no_grad():
+        la, lb = a.model(input_ids=x).logits, b.model(input_ids=x).logits
+    assert torch.allclose(la, lb, atol=1e-4), (la - lb).abs().max()
+
+
+def test_pruning_has_no_compressed_tensors_format(tiny_folder, tmp_path):
+    with pytest.raises(AirdError, match="no compressed-tensors format"):
+        compress(tiny_folder, tmp_path, "magnitude", fmt="compressed-tensors", sparsity=0.5)
+    with pytest.raises(AirdError, match="--format must be"):
+        compress(tiny_folder, tmp_path, "rtn", fmt="gguf", bits=8)

@@ -184,6 +184,9 @@ def compress_cmd(
     calib: str = typer.Option("harmless", help="Calibration data: harmless (chat-formatted instructions) or wikitext."),
     calib_samples: int = typer.Option(64, help="Calibration samples."),
     calib_seq_len: int = typer.Option(512, help="Maximum tokens per calibration sample."),
+    fmt: str = typer.Option("auto", "--format", help="Quantizers' folder format: dense (quantize-dequantized weights "
+                            "in the torch dtype, loads anywhere), compressed-tensors (packed low-bit weights, for "
+                            "vLLM), or auto (compressed-tensors on CUDA, dense on a CPU)."),
     seed: int = typer.Option(42),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
@@ -209,7 +212,7 @@ def compress_cmd(
         given = {"sparsity": sparsity, "pattern": pattern, "bits": bits, "group_size": group_size}
         cfg = CompressConfig(method=method, params={k: v for k, v in given.items() if v is not None}, calib=calib,
                              calib_samples=calib_samples, calib_seq_len=calib_seq_len, seed=seed,
-                             data_dir=str(data_dir) if data_dir else None, device=device)
+                             data_dir=str(data_dir) if data_dir else None, device=device, format=fmt)
         suffix = "-".join(str(v).replace(":", "of") for v in given.values() if v is not None)
         out = out or Path("runs") / f"{_slug(spec)}-{method}{'-' + suffix if suffix else ''}"
         with console.status(f"loading {spec}"):

@@ -59,6 +59,26 @@ class CompressConfig:
     seed: int = 42
     data_dir: str | None = None
     device: str | None = None
+    format: str = "auto"                         # auto | dense | compressed-tensors
+
+
+FORMATS = ("auto", "dense", "compressed-tensors")
+
+
+def resolve_format(fmt: str, plugin, lm: LoadedModel) -> str:
+    """The folder format: quantize-dequantized weights in the torch dtype ("dense", loads anywhere), or
+    compressed-tensors (packed low-bit weights with their scales, what vLLM's kernels run), written by a plugin
+    that has ``save_compressed``. ``auto`` takes compressed-tensors on CUDA, where low-bit kernels exist, and
+    dense on a CPU, where none runs faster than the float weights."""
+    if fmt not in FORMATS:
+        raise AirdError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    can = callable(getattr(plugin, "save_compressed", None))
+    if fmt == "auto":
+        return "compressed-tensors" if can and lm.device.type == "cuda" else "dense"
+    if fmt == "compressed-tensors" and not can:
+        raise AirdError(f"method {plugin.name} has no compressed-tensors format (only the quantizers do); "
+                        "use --format dense.")
+    return fmt
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -147,6 +167,14 @@ class CompressResult:
     resumed: bool = False
 
 
+def _unpacked_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The decoder Linear weights of a compressed-tensors folder, dequantized by transformers' own loader."""
+    from aird.core.loading import load_model
+
+    lm = load_model(str(folder), device="cpu")
+    return {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -160,7 +188,8 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
         raise AirdError("--calib-samples must be at least 1 and --calib-seq-len at least 8.")
     out = Path(out)
     jsonl = out / COMPRESS_JSONL
-    config = {"model_path": lm.path, **asdict(cfg), "params": params}
+    fmt = resolve_format(cfg.format, plugin, lm)
+    config = {"model_path": lm.path, **asdict(cfg), "params": params, "format": fmt}
     done = finished_model_folder(out, COMPRESS_JSONL, "compress.summary", config, force, ignore=NON_SEMANTIC)
     if done is not None:
         return CompressResult(out, done, resumed=True)
@@ -186,10 +215,14 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
         if missing:
             raise AirdError(f"compressor {plugin.name} removed weights ({missing[0]}, ...); it must edit them in place.")
         tensors = {k: sd[k] for k in keys}
+        writer = (lambda folder: info.update(compressed_format=plugin.save_compressed(lm, folder))) \
+            if fmt == "compressed-tensors" else None
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"compressed_from": lm.path, "method": plugin.name},
-                          tensors=tensors)
+                          tensors=tensors, write_weights=writer)
+        del tensors, sd
     with sw("measure"):
-        written = LazyTensors(out / "model.safetensors")
+        # measured from what was written: the safetensors file itself, or the packed folder loaded back
+        written = LazyTensors(out / "model.safetensors") if fmt == "dense" else _unpacked_weights(out)
         nm = parse_pattern(params.get("pattern")) if params.get("pattern") else None
         stats = summarize(written, original, group_size=params.get("group_size"), nm=nm, bits=params.get("bits"))
     scratch.cleanup()
@@ -207,6 +240,7 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
         per_layer=stats["per_layer"],
         calibration=None if calib is None else {"source": calib.source, "samples": len(calib.input_ids),
                                                 "tokens": calib.n_tokens},
+        format=fmt,
         info=info,
         seconds=round(seconds, 3),
         peak_rss_mb=round(peak_rss_mb(), 1),

@@ -19,7 +19,7 @@ import torch
 from aird.core import registry
 from aird.core.adapters import Adapter, adapter_for
 from aird.core.env import cache_dir, resolve_device, resolve_dtype
-from aird.core.errors import AirdError, ModelNotFound
+from aird.core.errors import AirdError, ModelNotFound, UnsupportedModel
 
 
 @dataclass
@@ -66,25 +66,29 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
 
 def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = None,
-                      tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                      tensors: dict[str, torch.Tensor] | None = None, write_weights=None) -> Path:
     """Write a plain model folder that transformers loads: one safetensors file, config.json without any
     quantization_config, generation config, tokenizer. Written into a temporary folder that is renamed into
-    place, so a killed run never leaves half a model. ``tensors`` replaces the model's own state dict."""
+    place, so a killed run never leaves half a model. ``tensors`` replaces the model's own state dict;
+    ``write_weights(folder)``, when given, writes the weights and config.json itself (a compressed format)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sd = tensors if tensors is not None else model.state_dict()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
-    save_file(clean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    dtype = str(next(iter(clean.values())).dtype).replace("torch.", "")
-    cfg["torch_dtype"] = cfg["dtype"] = dtype
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    if write_weights is not None:
+        write_weights(tmp)
+    else:
+        sd = tensors if tensors is not None else model.state_dict()
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        clean = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+        save_file(clean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        dtype = str(next(iter(clean.values())).dtype).replace("torch.", "")
+        cfg["torch_dtype"] = cfg["dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
@@ -144,10 +148,48 @@ def load_model(
     adapter_for(config)  # an unsupported family fails here, before the weights load
     try:
         tok = _load_tokenizer(where, trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code,
+                                                     **_quantized_load_kwargs(config))
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    if _quantized_load_kwargs(config):
+        _take_over_activation_quantization(model)
     return wrap_model(model, tok, spec=spec, path=str(where), device=dev)
+
+
+def _quantized_load_kwargs(config) -> dict:
+    """A compressed-tensors folder (packed low-bit weights) loads dequantized: aird reads and edits float
+    weights (probe hooks, repair's rank-one edit, measuring), and the CPU has no faster low-bit kernel.
+    compressed-tensors keeps quantizing what its scheme says on the fly (W8A8's int8 activations)."""
+    q = getattr(config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    if str(method).replace("_", "-") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
+def _take_over_activation_quantization(model) -> None:
+    """A dequantized compressed-tensors model: switch off compressed-tensors' forward wrappers and record its
+    activation scheme where aird's own hooks read it, so a W8A8 model computes the same whichever format its
+    folder was written in. (compressed-tensors' emulation rounds with scale absmax/127.5; aird's hooks, like
+    vLLM's dynamic per-token int8 kernels, with absmax/127.)"""
+    from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
+
+    specs = set()
+    for m in model.modules():
+        a = getattr(getattr(m, "quantization_scheme", None), "input_activations", None)
+        if a is not None:
+            specs.add((int(a.num_bits), str(getattr(a.strategy, "value", a.strategy)), bool(a.dynamic),
+                       bool(a.symmetric)))
+    model.apply(disable_quantization)
+    if len(specs) > 1:
+        raise UnsupportedModel("the model quantizes activations with several schemes; aird emulates one.")
+    if specs:
+        bits, strategy, dynamic, symmetric = specs.pop()
+        setattr(model.config, ACTIVATION_QUANT_KEY, {"num_bits": bits, "strategy": strategy, "dynamic": dynamic,
+                                                     "symmetric": symmetric})
 
 
 def _load_tokenizer(where: Path | str, trust_remote_code: bool):
@@ -204,8 +246,6 @@ def wrap_model(model, tokenizer, spec: str, path: str = "", device: torch.device
             raise AirdError("the tokenizer has neither a pad nor an end-of-sequence token.")
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(tokenizer, "chat_template", None) is None:
-        from aird.core.errors import UnsupportedModel
-
         raise UnsupportedModel(f"model {spec!r} has no chat template; aird needs a chat (instruct) model.")
     info = {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
             "n_params": sum(p.numel() for p in model.parameters())}

@@ -8,7 +8,10 @@ hand, with the reason:
 - turning quantized weights into plain float weights: after `oneshot` with RTN the weights are still the
   originals (the fake quantization lives in a forward wrapper, with weight_scale/weight_zero_point beside
   them); aird applies compressed-tensors' own `fake_quantize` with those scales so the saved folder holds the
-  quantize-dequantized values and loads anywhere, with no low-bit kernel (none is faster on a CPU);
+  quantize-dequantized values and loads anywhere, with no low-bit kernel (none is faster on a CPU). With
+  ``--format compressed-tensors`` the quantizers' ``save_compressed`` packs the same values with
+  compressed-tensors' ModelCompressor instead (llm-compressor's own save path needs its `oneshot` output
+  directory, which aird does not use);
 - AWQ on a machine without an accelerator: llm-compressor pins intermediate tensors to page-locked memory,
   which raises "Cannot access accelerator device when none is available"; the pinning is skipped there.
 """
@@ -37,8 +40,11 @@ def _library() -> str:
 
 def _require_llmcompressor(method: str):
     try:
-        import llmcompressor  # noqa: F401
-        from llmcompressor.logger import LoggerConfig, configure_logger
+        # importing llm-compressor logs a warning to stdout (its modifiers ask for the device while their
+        # classes are defined, before any logger configuration of ours): stdout is aird's JSONL, keep it clean
+        with contextlib.redirect_stdout(sys.stderr):
+            import llmcompressor  # noqa: F401
+            from llmcompressor.logger import LoggerConfig, configure_logger
     except ImportError:
         from aird.core.errors import AirdError
 
@@ -171,7 +177,24 @@ class _LLMCQuantizer:
         n = _materialize(lm)
         names = "+".join(type(m).__name__ for m in (mod if isinstance(mod, list) else [mod]))
         return {"library": _library(), "recipe": f"{names}(int{params['bits']}, group_size={params['group_size']})",
-                "quantized_matrices": n, "format": "quantize-dequantized weights in the torch dtype"}
+                "quantized_matrices": n}
+
+    def save_compressed(self, lm, folder) -> str:
+        """Write ``folder`` in the compressed-tensors format (packed int4, or int8, weights with their scales
+        and the quantization_config vLLM reads), with compressed-tensors' own compressor; returns its format
+        name. The in-memory model is left packed: call it last."""
+        from compressed_tensors.compressors import ModelCompressor
+
+        mc = ModelCompressor.from_pretrained_model(lm.model)
+        if mc is None or mc.quantization_config is None:
+            from aird.core.errors import AirdError
+
+            raise AirdError(f"{self.name} left no quantization scheme on the model to write compressed-tensors from.")
+        mc.compress_model(lm.model)
+        with contextlib.redirect_stdout(io.StringIO()):
+            lm.model.save_pretrained(str(folder))
+        mc.update_config(str(folder))
+        return str(getattr(mc.quantization_config.format, "value", mc.quantization_config.format))
 
 
 class RTN(_LLMCQuantizer):
@@ -261,10 +284,16 @@ class W8A8(_LLMCQuantizer):
         _strip_quantization(lm)
         activation_quant_hooks(lm.model, lm.adapter, spec)
         lm.model._aird_act_quant = True
-        info["format"] = ("int8 weights quantize-dequantized in the torch dtype; int8 per-token dynamic activation "
-                          "quantization recorded in config.json and applied by aird's loader")
         info["activation_quantization"] = spec
         return info
+
+    def save_compressed(self, lm, folder) -> str:
+        # the compressed-tensors config carries the activation scheme itself; transformers applies it on load
+        from aird.core.loading import ACTIVATION_QUANT_KEY
+
+        if hasattr(lm.model.config, ACTIVATION_QUANT_KEY):
+            delattr(lm.model.config, ACTIVATION_QUANT_KEY)
+        return super().save_compressed(lm, folder)
 
 
 def _strip_quantization(lm) -> None:
