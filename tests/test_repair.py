@@ -201,6 +201,7 @@ class _FirstWordScorer:
 
 def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, monkeypatch):
     from aird.core import plugins
+    from aird.core import repair as rmod
 
     real = plugins.get
     monkeypatch.setattr(plugins, "get", lambda kind, name: _FirstWordScorer() if kind == "scorer" else real(kind, name))
@@ -218,10 +219,36 @@ def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, monkeypa
         if (t["layer"], t["matrix"]) not in tried:
             tried.append((t["layer"], t["matrix"]))
     assert tried == ranked[: len(tried)] and 1 <= len(tried) <= 2 and s["matrix"] in ("attn", "mlp")
+    grid = list(rmod.GEN_ALPHA_GRID)
     for cand in tried:   # ascending α, stopping at the first that reaches the target or breaks the guard
         ts = [t for t in v["trials"] if (t["layer"], t["matrix"]) == cand]
-        assert [t["alpha"] for t in ts] == sorted(t["alpha"] for t in ts)
-        assert not any(t["reaches_target"] or not t["within_guard"] for t in ts[:-1])
+        on_grid = [t for t in ts if t["alpha"] in grid]
+        assert [t["alpha"] for t in on_grid] == grid[: len(on_grid)]
+        assert not any(t["reaches_target"] or not t["within_guard"] for t in on_grid[:-1])
+        refined = ts[len(on_grid):]   # bisections between the last two grid values, after them
+        assert len(refined) == (cfg.refine if len(on_grid) > 1 else 0)
+        assert all(on_grid[-2]["alpha"] < t["alpha"] < on_grid[-1]["alpha"] for t in refined)
     if v["target_reached"]:
         assert v["repaired"]["harmful_refusal_rate"] >= v["original"]["harmful_refusal_rate"]
         assert v["repaired"]["harmless_refusal_rate"] <= v["harmless_guard"] + 1e-9
+
+
+def test_alpha_search_bisects_to_the_smallest_alpha_that_reaches_the_target():
+    from aird.core.repair import search_alpha
+
+    def trial(needed, guard_breaks=float("inf")):
+        def run(alpha):
+            return {"alpha": alpha, "reaches_target": alpha >= needed, "within_guard": alpha < guard_breaks}
+        return run
+
+    t = search_alpha(trial(11.0), [2.0, 4.0, 8.0, 16.0, 32.0], early_stop=True, refine=3)
+    assert [x["alpha"] for x in t[:4]] == [2.0, 4.0, 8.0, 16.0]          # the grid stops at 16
+    mids = [x["alpha"] for x in t[4:]]
+    assert mids == pytest.approx([11.314, 9.514, 10.375], abs=1e-3)      # √(8·16), √(8·11.31), √(9.51·11.31)
+    assert min(x["alpha"] for x in t if x["reaches_target"]) == pytest.approx(11.314, abs=1e-3)
+    # the guard breaks before the target is reached: bisect towards the largest α the guard allows
+    t = search_alpha(trial(100.0, guard_breaks=5.0), [2.0, 4.0, 8.0], early_stop=True, refine=2)
+    assert [x["alpha"] for x in t] == pytest.approx([2.0, 4.0, 8.0, 5.657, 4.757], abs=1e-3)
+    # no early stop (the score judge): the whole grid, nothing refined; the first α stopping: nothing to bisect
+    assert len(search_alpha(trial(3.0), [2.0, 4.0, 8.0], early_stop=False, refine=2)) == 3
+    assert len(search_alpha(trial(1.0), [2.0, 4.0, 8.0], early_stop=True, refine=2)) == 1

@@ -311,6 +311,8 @@ def repair_cmd(
     judge: str = typer.Option("generate", help="How α auto judges refusal: generate (greedy answers and the scorer, "
                                                "as eval does) or score (first-token refusal score > 0; cheaper)."),
     candidates: int = typer.Option(2, help="With --layer auto: how many of the best-ranked matrices to search."),
+    refine: int = typer.Option(2, help="--alpha auto with the generate judge: bisections between the last two grid "
+                               "values (each costs one validation run)."),
     max_new_tokens: int = typer.Option(24, help="Answer length of the generate judge."),
     scorer: str = typer.Option("substring", help="Scorer plugin of the generate judge."),
     compressed_probe: Optional[Path] = typer.Option(None, help="Probe folder of the compressed model (its source layer)."),
@@ -335,7 +337,7 @@ def repair_cmd(
         set_threads(threads)
         lay = None if layer == "default" else (layer if layer == "auto" else _int(layer, "--layer"))
         cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, judge=judge,
-                           candidates=candidates, max_new_tokens=max_new_tokens, scorer=scorer,
+                           candidates=candidates, refine=refine, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,
                            batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
         cfg.matrices()

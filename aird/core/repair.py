@@ -11,8 +11,8 @@ Three choices, each explicit and recorded:
   refusal on the first without raising it on the second; the source layer's MLP, which writes r̂ on both,
   cannot (measured on the default model: see the README);
 - the matrix: attention out (o_proj), MLP down (down_proj), or both (with ``auto``: either);
-- α: given, or ``auto``: the smallest α on a grid that brings the harmful-validation refusal rate back to the
-  original model's while the harmless-validation refusal rate stays within 2 points of it (or of the
+- α: given, or ``auto``: the smallest α on a grid (refined by bisection between the last two grid values with
+  the generate judge) that brings the harmful-validation refusal rate back to the original model's while the harmless-validation refusal rate stays within 2 points of it (or of the
   compressed model's own rate, when compression already raised it: the guard uses the larger, and both are
   reported).
 The refusal rate is judged (``judge``) either as ``eval`` judges it — greedy generations of the validation
@@ -24,6 +24,7 @@ is a poor stand-in for the generated refusal rate).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class RepairConfig:
     scorer: str = "substring"            # the scorer plugin of the generate judge
     max_new_tokens: int = 24             # the generate judge's answer length (refusal phrases come first)
     candidates: int = 2                  # layer auto: how many of the best-ranked (layer, matrix) to search
+    refine: int = 2                      # generate judge: bisections between the last two grid α
     compressed_probe: str | None = None
     batch_size: int = 16
     data_dir: str | None = None
@@ -157,6 +159,33 @@ def rank_writers(lm: LoadedModel, harmful: list[str], harmless: list[str], unit:
     return sorted(rows, key=lambda r: -r["score"])
 
 
+def search_alpha(trial, alphas: list[float], early_stop: bool, refine: int = 0, advance=lambda n=1: None) -> list[dict]:
+    """Try α on the grid, ascending. With ``early_stop`` stop at the first α that reaches the target or
+    breaks the guard, then bisect (geometrically: the grid doubles) ``refine`` times between it and the last α
+    before it, moving down while the midpoint reaches the target or breaks the guard and up otherwise — so the
+    result is close to the smallest α that reaches the target, or to the largest the guard allows."""
+    trials = []
+    for k, alpha in enumerate(alphas):
+        r = trial(alpha)
+        trials.append(r)
+        advance(1)
+        if early_stop and (r["reaches_target"] or not r["within_guard"]):
+            if k == 0:
+                break
+            lo, hi = alphas[k - 1], alpha
+            for _ in range(refine):
+                mid = round(math.sqrt(lo * hi), 3) if lo > 0 else (lo + hi) / 2
+                rm = trial(mid)
+                trials.append(rm)
+                advance(1)
+                if rm["reaches_target"] or not rm["within_guard"]:
+                    hi = mid
+                else:
+                    lo = mid
+            break
+    return trials
+
+
 def _targets(lm: LoadedModel, layer: int, which: list[str]) -> list[torch.nn.Linear]:
     if not lm.adapter.projections_write_residual:
         raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
@@ -188,8 +217,8 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     if cfg.judge not in JUDGES:
         raise AirdError(f"--judge must be {' or '.join(JUDGES)}, not {cfg.judge!r}.")
     scorer = plugins.get("scorer", cfg.scorer) if cfg.judge == "generate" else None
-    if cfg.candidates < 1 or cfg.max_new_tokens < 1:
-        raise AirdError("--candidates and --max-new-tokens must be at least 1.")
+    if cfg.candidates < 1 or cfg.max_new_tokens < 1 or cfg.refine < 0:
+        raise AirdError("--candidates and --max-new-tokens must be at least 1, --refine at least 0.")
     ref = open_probe(reference)
     n_layers = lm.n_layers
     if ref.summary["n_layers"] != n_layers or ref.chosen.shape[-1] != lm.model.config.hidden_size:
@@ -264,10 +293,13 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     guard = max(original["harmless_refusal_rate"], compressed["harmless_refusal_rate"]) + cfg.guard
     target = original["harmful_refusal_rate"]
     trials = []
-    with sw("search"), rep.stage("searching layer, matrix and α", len(candidates) * len(alphas)) as advance:
+    early = cfg.judge == "generate"
+    refine = cfg.refine if early and len(alphas) > 1 else 0
+    with sw("search"), rep.stage("searching layer, matrix and α", len(candidates) * (len(alphas) + refine)) as advance:
         for layer, mats in candidates:
             targets = _targets(lm, layer, mats)
-            for k, alpha in enumerate(alphas):
+
+            def trial(alpha: float, layer=layer, mats=mats, targets=targets) -> dict:
                 saved = _apply(repair, targets, unit, alpha)
                 try:
                     r = rates(layer)
@@ -276,11 +308,11 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
                 r.update(layer=layer, matrix="+".join(mats), alpha=alpha,
                          reaches_target=r["harmful_refusal_rate"] >= target,
                          within_guard=r["harmless_refusal_rate"] <= guard + 1e-9)
-                trials.append(r)
-                advance(1)
-                if cfg.judge == "generate" and (r["reaches_target"] or not r["within_guard"]):
-                    advance(len(alphas) - k - 1)   # ascending α: the smallest that works, or the guard broke
-                    break
+                return r
+
+            tried = search_alpha(trial, alphas, early_stop=early, refine=refine, advance=advance)
+            trials += tried
+            advance(len(alphas) + refine - len(tried))
     ok = [t for t in trials if t["reaches_target"] and t["within_guard"]]
     if ok:
         best = min(ok, key=lambda t: (t["alpha"], -t["harmful_refusal_rate"]))
