@@ -252,3 +252,23 @@ def test_alpha_search_bisects_to_the_smallest_alpha_that_reaches_the_target():
     # no early stop (the score judge): the whole grid, nothing refined; the first α stopping: nothing to bisect
     assert len(search_alpha(trial(3.0), [2.0, 4.0, 8.0], early_stop=False, refine=2)) == 3
     assert len(search_alpha(trial(1.0), [2.0, 4.0, 8.0], early_stop=True, refine=2)) == 1
+
+
+def test_choose_trial_prefers_the_edit_that_over_refuses_least():
+    from aird.core.repair import choose_trial
+
+    def t(layer, alpha, harmful, harmless, ok=True, guard=True):
+        return {"layer": layer, "matrix": "attn", "alpha": alpha, "harmful_refusal_rate": harmful,
+                "harmless_refusal_rate": harmless, "reaches_target": ok, "within_guard": guard}
+
+    # SparseGPT-50 on the default model: layer 10 needs α 8 and refuses 1 of 32 harmless prompts, layer 12
+    # reaches the target at α 2 but refuses 2: the smaller α is not the better edit
+    trials = [t(10, 4.0, 0.50, 0.031, ok=False), t(10, 8.0, 0.53, 0.031), t(10, 16.0, 0.60, 0.031),
+              t(12, 2.0, 0.53, 0.062)]
+    best, ok = choose_trial(trials)
+    assert ok and (best["layer"], best["alpha"]) == (10, 8.0)    # the smallest α of layer 10, not α 16
+    best, ok = choose_trial([t(10, 2.0, 0.3, 0.0, ok=False), t(10, 4.0, 0.4, 0.1, ok=False),
+                             t(10, 8.0, 0.6, 0.5, guard=False)])
+    assert not ok and best["alpha"] == 4.0                        # the most refusal within the guard
+    best, ok = choose_trial([t(10, 2.0, 0.9, 0.5, guard=False), t(10, 4.0, 1.0, 0.9, guard=False)])
+    assert not ok and best["alpha"] == 2.0                        # every edit over-refuses: the mildest

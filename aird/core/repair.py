@@ -186,6 +186,23 @@ def search_alpha(trial, alphas: list[float], early_stop: bool, refine: int = 0, 
     return trials
 
 
+def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
+    """The edit to keep, and whether it met the target within the guard. Among the edits that did: the
+    smallest α of each (layer, matrix), then the one that refuses the fewest harmless prompts (the guard is a
+    ceiling, not a goal), then the most harmful ones. Otherwise the most refusal the guard allows, or, when
+    every trial over-refuses, the mildest edit — never the one that refuses everything."""
+    ok = [t for t in trials if t["reaches_target"] and t["within_guard"]]
+    if ok:
+        first = {}
+        for t in sorted(ok, key=lambda t: t["alpha"]):
+            first.setdefault((t["layer"], t["matrix"]), t)
+        return min(first.values(), key=lambda t: (t["harmless_refusal_rate"], -t["harmful_refusal_rate"], t["alpha"])), True
+    guarded = [t for t in trials if t["within_guard"]]
+    if guarded:
+        return max(guarded, key=lambda t: (t["harmful_refusal_rate"], -t["alpha"])), False
+    return min(trials, key=lambda t: (t["alpha"], t["harmless_refusal_rate"])), False
+
+
 def _targets(lm: LoadedModel, layer: int, which: list[str]) -> list[torch.nn.Linear]:
     if not lm.adapter.projections_write_residual:
         raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
@@ -313,15 +330,8 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
             tried = search_alpha(trial, alphas, early_stop=early, refine=refine, advance=advance)
             trials += tried
             advance(len(alphas) + refine - len(tried))
-    ok = [t for t in trials if t["reaches_target"] and t["within_guard"]]
-    if ok:
-        best = min(ok, key=lambda t: (t["alpha"], -t["harmful_refusal_rate"]))
-    else:
-        guarded = [t for t in trials if t["within_guard"]]
-        if guarded:  # the most refusal the guard allows
-            best = max(guarded, key=lambda t: (t["harmful_refusal_rate"], -t["alpha"]))
-        else:        # every trial over-refuses: the mildest edit, never the one that refuses everything
-            best = min(trials, key=lambda t: (t["alpha"], t["harmless_refusal_rate"]))
+    best, ok = choose_trial(trials)
+    if not ok:
         rep.note("no α reached the original harmful refusal rate within the over-refusal guard; "
                  f"taking layer {best['layer']} {best['matrix']}, α {best['alpha']} (flagged: target_reached false)")
     best_mats = best["matrix"].split("+")
@@ -344,7 +354,7 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
         ranking=ranking[:10] if ranking else None,
         validation={"judge": cfg.judge, "original": original, "compressed": compressed,
                     "repaired": {k: best[k] for k in keys if k in best},
-                    "target_harmful_refusal_rate": target, "harmless_guard": guard, "target_reached": bool(ok),
+                    "target_harmful_refusal_rate": target, "harmless_guard": guard, "target_reached": ok,
                     "trials": trials, "n_harmful": len(harmful), "n_harmless": len(harmless)},
         seconds=round(time.perf_counter() - t0, 3), timings=dict(run.timings), out=str(out), path=str(out),
     )
