@@ -111,3 +111,20 @@ def test_utility_suite_records_tasks_and_perplexity(refusing, tmp_path):
     assert s["limits"]["per_task"] == 4
     tasks = [r for r in read_jsonl(tmp_path / "u" / "eval.jsonl") if r["record"] == "eval.task"]
     assert {t["task"] for t in tasks} == {"arc_easy", "wikitext2"}
+
+
+def test_alpaca_sample_size_is_an_option(tmp_path):
+    from aird.core.errors import AirdError
+
+    rows = [{"instruction": f"Describe object number {i}.", "category": None} for i in range(500)]
+    (tmp_path / "refusal_direction" / "processed").mkdir(parents=True)
+    (tmp_path / "refusal_direction" / "processed" / "alpaca.json").write_text(json.dumps(rows))
+    cfg = EvalConfig(harmful=[], benign=["alpaca"], data_dir=str(tmp_path))
+    default = evaluate._sets(cfg)[0][2]
+    assert len(default) == 100
+    cfg.alpaca_n = 300
+    more = evaluate._sets(cfg)[0][2]
+    assert len(more) == 300 and len({p.instruction for p in more}) == 300
+    cfg.alpaca_n = 0
+    with pytest.raises(AirdError, match="--alpaca-n must be at least 1"):
+        evaluate._sets(cfg)

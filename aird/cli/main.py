@@ -382,6 +382,7 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="At most this many prompts per set and examples per zero-shot "
                                                    "task (quick runs; recorded)."),
     task_limit: Optional[int] = typer.Option(None, help="Examples per zero-shot task, when it should differ from --limit."),
+    alpaca_n: int = typer.Option(100, help="Alpaca instructions (a seeded sample of 31,323) scored for over-refusal."),
     selection: str = typer.Option("stratified", help="How --limit picks prompts: stratified (a seeded sample spread "
                                                      "over the categories) or first (the first N)."),
     tasks: list[str] = typer.Option(["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande",
@@ -423,7 +424,7 @@ def eval_cmd(
         set_threads(threads)
         cfg = EvalConfig(harmful=list(harmful), benign=list(benign), jailbreaks=list(jailbreaks),
                          wild_templates=wild_templates, prompts_file=str(prompts) if prompts else None,
-                         prompts_as=prompts_as, column=column, category_column=category_column, limit=limit,
+                         prompts_as=prompts_as, column=column, category_column=category_column, limit=limit, alpaca_n=alpaca_n,
                          task_limit=task_limit, selection=selection,
                          max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),

@@ -70,6 +70,8 @@ def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
     for name in cfg.benign:
         prompts = load_set(name, cfg.data_dir)
         if name == "alpaca":
+            if cfg.alpaca_n < 1:
+                raise AirdError("--alpaca-n must be at least 1.")
             prompts = sample(prompts, cfg.alpaca_n, cfg.seed)
         out.append((name, "benign", prompts))
     if cfg.prompts_file:
