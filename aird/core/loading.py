@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +149,10 @@ def load_model(
     adapter_for(config)  # an unsupported family fails here, before the weights load
     try:
         tok = _load_tokenizer(where, trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code,
-                                                     **_quantized_load_kwargs(config))
+        with warnings.catch_warnings():   # "you passed quantization_config ...": aird does, on purpose
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code,
+                                                         **_quantized_load_kwargs(config))
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
     if _quantized_load_kwargs(config):

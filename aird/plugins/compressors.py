@@ -23,6 +23,7 @@ import importlib.metadata as md
 import io
 import os
 import sys
+import warnings
 
 import torch
 
@@ -191,7 +192,9 @@ class _LLMCQuantizer:
 
             raise AirdError(f"{self.name} left no quantization scheme on the model to write compressed-tensors from.")
         mc.compress_model(lm.model)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # compressed-tensors' wrappers make transformers think modules are offloaded: nothing is
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
             lm.model.save_pretrained(str(folder))
         mc.update_config(str(folder))
         return str(getattr(mc.quantization_config.format, "value", mc.quantization_config.format))
