@@ -198,3 +198,17 @@ def test_pruning_has_no_compressed_tensors_format(tiny_folder, tmp_path):
         compress(tiny_folder, tmp_path, "magnitude", fmt="compressed-tensors", sparsity=0.5)
     with pytest.raises(AirdError, match="--format must be"):
         compress(tiny_folder, tmp_path, "rtn", fmt="gguf", bits=8)
+
+
+def test_compressed_tensors_folder_without_the_package_is_one_sentence(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from aird.core.loading import _quantized_load_kwargs
+
+    cfg = SimpleNamespace(quantization_config={"quant_method": "compressed-tensors"})
+    assert "quantization_config" in _quantized_load_kwargs(cfg)
+    assert _quantized_load_kwargs(SimpleNamespace()) == {}
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)   # import fails as if not installed
+    with pytest.raises(AirdError, match=r"needs the compressed-tensors package: pip install 'aird\[compress\]'"):
+        _quantized_load_kwargs(cfg)

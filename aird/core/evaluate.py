@@ -125,7 +125,6 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
              reporter: Reporter | None = None) -> dict:
     """Run the requested suites ("safety", "utility") and write eval.jsonl: one record per prompt (streamed),
     one per utility task, and the summary."""
-
     rep = reporter or Reporter()
     unknown = [x for x in suites if x not in ("safety", "utility")]
     if unknown:

@@ -147,27 +147,33 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load the config of model {spec!r}: {str(exc).splitlines()[0]}") from None
     adapter_for(config)  # an unsupported family fails here, before the weights load
+    quantized = _quantized_load_kwargs(config)
     try:
         tok = _load_tokenizer(where, trust_remote_code)
         with warnings.catch_warnings():   # "you passed quantization_config ...": aird does, on purpose
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code,
-                                                         **_quantized_load_kwargs(config))
+                                                         **quantized)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
-    if _quantized_load_kwargs(config):
+    if quantized:
         _take_over_activation_quantization(model)
     return wrap_model(model, tok, spec=spec, path=str(where), device=dev)
 
 
 def _quantized_load_kwargs(config) -> dict:
     """A compressed-tensors folder (packed low-bit weights) loads dequantized: aird reads and edits float
-    weights (probe hooks, repair's rank-one edit, measuring), and the CPU has no faster low-bit kernel.
-    compressed-tensors keeps quantizing what its scheme says on the fly (W8A8's int8 activations)."""
+    weights (probe hooks, repair's rank-one edit, measuring), and the CPU has no faster low-bit kernel. Its
+    activation scheme (W8A8's int8 activations) is then applied by aird's hooks, as for a dense folder."""
     q = getattr(config, "quantization_config", None)
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
     if str(method).replace("_", "-") != "compressed-tensors":
         return {}
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise AirdError("this model is in the compressed-tensors format, which needs the compressed-tensors "
+                        "package: pip install 'aird[compress]'.") from None
     from transformers import CompressedTensorsConfig
 
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}

@@ -12,9 +12,10 @@ Three choices, each explicit and recorded:
   cannot (measured on the default model: see the README);
 - the matrix: attention out (o_proj), MLP down (down_proj), or both (with ``auto``: either);
 - α: given, or ``auto``: the smallest α on a grid (refined by bisection between the last two grid values with
-  the generate judge) that brings the harmful-validation refusal rate back to the original model's while the harmless-validation refusal rate stays within 2 points of it (or of the
-  compressed model's own rate, when compression already raised it: the guard uses the larger, and both are
-  reported).
+  the generate judge) that brings the harmful-validation refusal rate back to the original model's while the
+  harmless-validation refusal rate stays within 2 points of it (or of the compressed model's own rate, when
+  compression already raised it: the guard uses the larger, and both are reported); among several
+  (layer, matrix) candidates that do, the one that refuses the fewest harmless prompts.
 The refusal rate is judged (``judge``) either as ``eval`` judges it — greedy generations of the validation
 prompts scored by a scorer plugin, the original model's rates generated once from the reference probe's model —
 or, cheaper, by ``score``: the share of prompts whose first-token refusal score is > 0 (generation-free, running

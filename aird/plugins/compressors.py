@@ -291,7 +291,7 @@ class W8A8(_LLMCQuantizer):
         return info
 
     def save_compressed(self, lm, folder) -> str:
-        # the compressed-tensors config carries the activation scheme itself; transformers applies it on load
+        # the compressed-tensors config carries the activation scheme itself; aird's loader reads it from there
         from aird.core.loading import ACTIVATION_QUANT_KEY
 
         if hasattr(lm.model.config, ACTIVATION_QUANT_KEY):
