@@ -212,3 +212,58 @@ def test_compressed_tensors_folder_without_the_package_is_one_sentence(monkeypat
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)   # import fails as if not installed
     with pytest.raises(AirdError, match=r"needs the compressed-tensors package: pip install 'aird\[compress\]'"):
         _quantized_load_kwargs(cfg)
+
+
+def test_too_little_disk_space_fails_before_compressing(tiny_folder, tmp_path, monkeypatch):
+    """The written model and the scratch copy of the original weights must fit; say so before the long part."""
+    import shutil
+    from collections import namedtuple
+
+    from typer.testing import CliRunner
+
+    from aird.cli.main import app
+    from aird.core import plugins
+
+    called = []
+    monkeypatch.setattr(plugins.get("compressor", "magnitude"), "compress",
+                        lambda *a, **k: called.append(1) or {})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**5, 10**5))
+    folder, data = tiny_folder
+    res = CliRunner().invoke(app, ["compress", "--model", str(folder), "--method", "magnitude", "--sparsity", "0.5",
+                                   "--out", str(tmp_path / "m"), "--data-dir", str(data)])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert "not enough free disk space" in out and "0.0 GB are free" in out and "Traceback" not in out
+    assert called == [] and not (tmp_path / "m").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".aird-compress-")]
+
+
+def test_disk_filling_up_mid_write_is_one_sentence_and_leaves_nothing_half_written(tiny_folder, tmp_path,
+                                                                                 monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from aird.core.errors import DiskFull
+
+    compress(tiny_folder, tmp_path, "magnitude", sparsity=0.5)     # a finished folder that must survive
+    before = (tmp_path / "magnitude" / "model.safetensors").read_bytes()
+    writes = []
+
+    def full(tensors, path, metadata=None):
+        writes.append(path)
+        if len(writes) == 2:   # the scratch copy fits, the model does not
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    real = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr("aird.core.compress.save_file", full)
+    folder, data = tiny_folder
+    cfg = CompressConfig(method="wanda", params={"sparsity": 0.25}, data_dir=str(data), calib_samples=8,
+                         calib_seq_len=64)
+    with pytest.raises(DiskFull, match="the disk filled up while writing the model at"):
+        run_compress(load_model(str(folder), device="cpu"), cfg, tmp_path / "magnitude", force=True)
+    assert len(writes) == 2
+    assert (tmp_path / "magnitude" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["magnitude"]   # no .tmp folder, no scratch left

@@ -6,9 +6,12 @@ file; a rerun reads what is there and resumes. Nothing is overwritten without ``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +20,43 @@ from typing import Any
 import torch
 
 from aird.core.env import versions
-from aird.core.errors import ArtifactError
+from aird.core.errors import ArtifactError, DiskFull
 
 SCHEMA_VERSION = 1
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def require_free_space(folder: Path, nbytes: int, what: str) -> None:
+    """Fail before a long run, in one sentence, when ``folder``'s file system cannot hold ``nbytes`` more."""
+    where = _existing(folder)
+    free = shutil.disk_usage(where).free
+    if free < nbytes * 1.02 + 64 * 2**20:
+        raise DiskFull(f"not enough free disk space for {what}: it needs about {_gb(nbytes)} at {where} "
+                       f"and {_gb(free)} are free.")
+
+
+@contextmanager
+def disk_full_as_error(what: str, cleanup: Path | None = None):
+    """Turn 'no space left on device' while writing into one sentence, removing the half-written ``cleanup``."""
+    try:
+        yield
+    except Exception as exc:  # safetensors reports it as SafetensorError, not OSError
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+        if not full:
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True) if Path(cleanup).is_dir() else Path(cleanup).unlink(missing_ok=True)
+        raise DiskFull(f"the disk filled up while writing {what}; free some space and rerun the same command.") from None
 
 
 def _tmp_beside(path: Path) -> Path:
@@ -32,7 +69,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_beside(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with disk_full_as_error(str(path)), open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -86,7 +123,7 @@ def read_jsonl(path: Path | str, torn_tail_ok: bool = False) -> list[dict]:
 def append_jsonl(path: Path, records: list[dict]) -> None:
     """Append records to a streamed JSONL file, flushed to disk before returning."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
+    with disk_full_as_error(str(path)), open(path, "a", encoding="utf-8") as fh:
         fh.write("".join(dumps(r) + "\n" for r in records))
         fh.flush()
         os.fsync(fh.fileno())
@@ -98,7 +135,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_beside(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with disk_full_as_error(str(path)):
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from aird.core import plugins
-from aird.core.artifacts import Run, Stopwatch, finished_model_folder, write_jsonl
+from aird.core.artifacts import Run, Stopwatch, disk_full_as_error, finished_model_folder, require_free_space, write_jsonl
 from aird.core.data import load_set, sample
 from aird.core.env import default_data_dir
 from aird.core.errors import AirdError
@@ -194,13 +194,27 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
     if done is not None:
         return CompressResult(out, done, resumed=True)
 
+    # the original weights wait on disk beside the output, not in memory: peak RAM stays near one copy of the
+    # model. Both that copy and the written model must fit: say so now, not after minutes of compressing.
+    linear = decoder_linear_weights(lm.model.state_dict())
+    model_bytes = sum(v.numel() * v.element_size() for v in {v.data_ptr(): v for v in lm.model.state_dict().values()}.values())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    require_free_space(out.parent, model_bytes + sum(v.numel() * v.element_size() for v in linear.values()),
+                       f"compressing into {out} (the written model and a scratch copy of the original weights)")
+    scratch = tempfile.TemporaryDirectory(prefix=".aird-compress-", dir=out.parent)
+    try:
+        return _compress_and_save(lm, cfg, plugin, params, fmt, config, out, jsonl, rep, linear, Path(scratch.name))
+    finally:
+        scratch.cleanup()
+
+
+def _compress_and_save(lm, cfg, plugin, params, fmt, config, out, jsonl, rep, linear, scratch: Path) -> CompressResult:
     run = Run("compress", lm.spec, config, cfg.seed)
     sw = Stopwatch(run.timings)
-    # the original weights wait on disk, not in memory: peak RAM stays near one copy of the model
-    scratch = tempfile.TemporaryDirectory(prefix="aird-compress-")
-    save_file({k: v.detach().contiguous() for k, v in decoder_linear_weights(lm.model.state_dict()).items()},
-              str(Path(scratch.name) / "original.safetensors"))
-    original = LazyTensors(Path(scratch.name) / "original.safetensors")
+    with disk_full_as_error("a scratch copy of the original weights", cleanup=scratch / "original.safetensors"):
+        save_file({k: v.detach().contiguous() for k, v in linear.items()}, str(scratch / "original.safetensors"))
+    del linear
+    original = LazyTensors(scratch / "original.safetensors")
     keys = list(lm.model.state_dict().keys())
     with sw("calibration_data"):
         calib = calibration_set(lm, cfg) if getattr(plugin, "needs_calibration", True) else None
@@ -225,7 +239,6 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
         written = LazyTensors(out / "model.safetensors") if fmt == "dense" else _unpacked_weights(out)
         nm = parse_pattern(params.get("pattern")) if params.get("pattern") else None
         stats = summarize(written, original, group_size=params.get("group_size"), nm=nm, bits=params.get("bits"))
-    scratch.cleanup()
     summary = run.record(
         "compress.summary",
         method=plugin.name,

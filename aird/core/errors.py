@@ -25,3 +25,7 @@ class ArtifactError(AirdError):
 
 class PluginError(AirdError):
     pass
+
+
+class DiskFull(AirdError):
+    pass

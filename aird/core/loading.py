@@ -19,6 +19,7 @@ import torch
 
 from aird.core import registry
 from aird.core.adapters import Adapter, adapter_for
+from aird.core.artifacts import disk_full_as_error, require_free_space
 from aird.core.env import cache_dir, resolve_device, resolve_dtype
 from aird.core.errors import AirdError, ModelNotFound, UnsupportedModel
 
@@ -77,23 +78,28 @@ def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = Non
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if write_weights is not None:
-        write_weights(tmp)
-    else:
-        sd = tensors if tensors is not None else model.state_dict()
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        clean = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
-        save_file(clean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        dtype = str(next(iter(clean.values())).dtype).replace("torch.", "")
-        cfg["torch_dtype"] = cfg["dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "aird-source.json").write_text(json.dumps(provenance or {}, default=str) + "\n")
+    sd = tensors if tensors is not None else model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    keep = {k: v for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+    if write_weights is None:
+        require_free_space(out.parent, sum(v.numel() * v.element_size() for v in keep.values()), f"the model at {out}")
+    with disk_full_as_error(f"the model at {out}", cleanup=tmp):
+        tmp.mkdir(parents=True)
+        if write_weights is not None:
+            write_weights(tmp)
+        else:
+            clean = {k: v.detach().to("cpu").contiguous() for k, v in keep.items()}
+            save_file(clean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            cfg = model.config.to_dict()
+            cfg.pop("quantization_config", None)
+            dtype = str(next(iter(clean.values())).dtype).replace("torch.", "")
+            cfg["torch_dtype"] = cfg["dtype"] = dtype
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+            del clean
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "aird-source.json").write_text(json.dumps(provenance or {}, default=str) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
