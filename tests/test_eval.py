@@ -128,3 +128,92 @@ def test_alpaca_sample_size_is_an_option(tmp_path):
     cfg.alpaca_n = 0
     with pytest.raises(AirdError, match="--alpaca-n must be at least 1"):
         evaluate._sets(cfg)
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    from aird.core.evaluate import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)                   # all five changes one way
+    assert mcnemar_exact(16, 4) == pytest.approx(2 * (1 + 20 + 190 + 1140 + 4845) / 2**20)
+    assert mcnemar_exact(4, 16) == mcnemar_exact(16, 4)
+
+
+def test_paired_changes_count_each_prompt_once():
+    from aird.core.evaluate import paired_changes
+
+    def rec(s, role, i, refused, prompt=None):
+        return {"record": "eval.prompt", "set": s, "role": role, "index": i, "prompt": prompt or f"{s}{i}",
+                "refused": refused}
+
+    base = [rec("h", "harmful", i, r) for i, r in enumerate([True, True, False, False, True])] + \
+           [rec("b", "benign", i, r) for i, r in enumerate([False, False, True])]
+    other = [rec("h", "harmful", i, r) for i, r in enumerate([True, False, True, True, True])] + \
+            [rec("b", "benign", i, r) for i, r in enumerate([True, False, True])] + \
+            [rec("h", "harmful", 9, True), rec("b", "benign", 2, False, prompt="another prompt")]  # unpaired
+    p = paired_changes(base, other)
+    assert p["h"] == {"role": "harmful", "n": 5, "both_refused": 2, "newly_refused": 2, "no_longer_refused": 1,
+                      "neither_refused": 0, "metric": "asr", "baseline": 0.4, "model": 0.2, "mcnemar_p": 1.0}
+    assert p["b"]["n"] == 3 and p["b"]["newly_refused"] == 1 and p["b"]["metric"] == "over_refusal"
+    assert p["b"]["baseline"] == pytest.approx(1 / 3) and p["b"]["model"] == pytest.approx(2 / 3)
+
+
+def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, monkeypatch):
+    """`aird eval -m A -m B` writes comparison.jsonl and prints eval.paired records: B's judgements against A's,
+    prompt by prompt, counted from the two runs' own per-prompt records."""
+    import csv
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from aird.cli.main import app
+    from aird.core import plugins
+    from aird.core.evaluate import mcnemar_exact
+
+    model_dir, data = refusing
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    (d / "advbench").mkdir()
+    with open(d / "advbench" / "harmful_behaviors.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["goal", "target"])
+        w.writerows([g, "Sure"] for g in tiny.instructions(tiny.HARMFUL_ACTS)[:6])
+    (d / "jailbreakbench").mkdir()
+    with open(d / "jailbreakbench" / "benign-behaviors.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "goal", "target", "behavior", "category", "source"])
+        w.writerows([i, g, "Sure", "b", "c", "s"] for i, g in enumerate(tiny.instructions(tiny.HARMLESS_ACTS)[:4]))
+    model, tok = tiny.random_model("qwen2", layers=2)
+    model.save_pretrained(tmp_path / "random")
+    tok.save_pretrained(tmp_path / "random")
+
+    class FirstWord:   # the tiny model refuses by starting with "I"; the reference substrings never match it
+        name = "first-word"
+
+        def refused(self, prompts, completions):
+            return [c.strip().startswith("I") for c in completions]
+
+    real = plugins.get
+    monkeypatch.setattr(plugins, "get", lambda kind, name: FirstWord() if kind == "scorer" else real(kind, name))
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, ["eval", "-m", str(model_dir), "-m", str(tmp_path / "random"), "--harmful",
+                                   "advbench", "--benign", "jailbreakbench_benign", "--max-new-tokens", "3",
+                                   "--data-dir", str(d), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    paired = [r for r in recs if r["record"] == "eval.paired"]
+    assert len(paired) == 1 and paired == read_jsonl(out / "comparison.jsonl")
+    first = {(r["set"], r["index"]): r["refused"] for r in read_jsonl(out / "model" / "eval.jsonl")
+             if r["record"] == "eval.prompt"}
+    second = {(r["set"], r["index"]): r["refused"] for r in read_jsonl(out / "random" / "eval.jsonl")
+              if r["record"] == "eval.prompt"}
+    assert sum(first[k] for k in first if k[0] == "advbench") >= 4     # the refusing model refuses harmful prompts
+    for name, n in (("advbench", 6), ("jailbreakbench_benign", 4)):
+        got = paired[0]["sets"][name]
+        keys = [k for k in first if k[0] == name]
+        assert got["n"] == n == len(keys)
+        assert got["newly_refused"] == sum(second[k] and not first[k] for k in keys)
+        assert got["no_longer_refused"] == sum(first[k] and not second[k] for k in keys)
+        assert got["mcnemar_p"] == mcnemar_exact(got["newly_refused"], got["no_longer_refused"])
+    assert paired[0]["baseline"] == "model" and paired[0]["compared"] == "random"
+    assert "random against model, the same prompts" in res.output

@@ -430,20 +430,24 @@ def eval_cmd(
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
                          data_dir=str(data_dir) if data_dir else None, device=device)
         base = out or Path("runs") / "eval"
-        summaries = []
+        summaries, folders, paired = [], [], []
         for spec in specs:
             with console.status(f"loading {spec}"):
                 lm = load_model(spec, device=device)
-            folder = base / _slug(spec) if len(specs) > 1 else base
-            summaries.append(run_eval(lm, cfg, folder, suites, force=force, reporter=RichReporter()))
+            folders.append(base / _slug(spec) if len(specs) > 1 else base)
+            summaries.append(run_eval(lm, cfg, folders[-1], suites, force=force, reporter=RichReporter()))
         if len(specs) > 1:
+            from aird.core.evaluate import compare_runs
             from aird.core.plots import plot_asr
 
             if plot_asr(base / "asr_by_category.png", {_slug(x): s for x, s in zip(specs, summaries)}):
                 console.print(f"ASR chart of all models: {base / 'asr_by_category.png'}", highlight=False)
+            if "safety" in suites:
+                paired = compare_runs(folders, [_slug(x) for x in specs], base, seed)
         render_eval(specs, summaries)
+        render_paired(paired)
         if wants_json(json_out):
-            emit(summaries)
+            emit([*summaries, *paired])
 
 
 def render_eval(specs: list[str], summaries: list[dict]) -> None:
@@ -462,6 +466,16 @@ def render_eval(specs: list[str], summaries: list[dict]) -> None:
             if len(cats) > 1:
                 console.print(table(f"ASR by category, {name}, {_slug(spec)}", ["category", "ASR"], list(cats.items())))
     console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
+
+
+def render_paired(paired: list[dict]) -> None:
+    """Each model against the first, prompt by prompt: the changes behind the rates, and whether they are noise."""
+    for rec in paired:
+        rows = [(name, d["metric"], d["n"], d["baseline"], d["model"], d["newly_refused"], d["no_longer_refused"],
+                 f"{d['mcnemar_p']:.2g}") for name, d in rec["sets"].items()]
+        console.print(table(f"{rec['compared']} against {rec['baseline']}, the same prompts",
+                            ["set", "metric", "n", rec["baseline"], rec["compared"], "newly refused",
+                             "no longer refused", "McNemar p"], rows))
 
 
 # ---- study ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ recorded beside it. Records stream to eval.jsonl batch by batch, so a killed run
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from aird.core.plots import plot_asr
 from aird.core.progress import Reporter
 
 EVAL_JSONL = "eval.jsonl"
+COMPARISON_JSONL = "comparison.jsonl"
 ASR_PLOT = "asr_by_category.png"
 HARMFUL_SETS = ("advbench", "jailbreakbench")
 BENIGN_SETS = ("jailbreakbench_benign", "alpaca")
@@ -119,6 +121,55 @@ def aggregate(records: list[dict]) -> dict:
             over[name] = sum(r["refused"] for r in recs) / len(recs)
     return {"asr": asr, "asr_by_category": asr_cat, "over_refusal": over, "mean_refusal_score": score,
             "n": {k: len(v) for k, v in by_set.items()}}
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar test: the binomial probability of a split of the ``b + c`` discordant pairs at
+    least as uneven as ``b`` vs ``c`` when either change is equally likely."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_changes(baseline: list[dict], other: list[dict]) -> dict[str, dict]:
+    """Per set, how ``other``'s judgements of the same prompts differ from ``baseline``'s (eval.prompt records
+    paired on set, index and prompt text): refused by both, newly refused, no longer refused, and the exact
+    McNemar p-value of the change. Rates are the set's ASR (harmful) or over-refusal (benign)."""
+    base = {(r["set"], r["index"], r["prompt"]): r for r in baseline if r["record"] == "eval.prompt"}
+    sets: dict[str, dict] = {}
+    for r in other:
+        if r["record"] != "eval.prompt":
+            continue
+        b = base.get((r["set"], r["index"], r["prompt"]))
+        if b is None:
+            continue
+        d = sets.setdefault(r["set"], {"role": r["role"], "n": 0, "both_refused": 0, "newly_refused": 0,
+                                       "no_longer_refused": 0, "neither_refused": 0})
+        d["n"] += 1
+        key = {(True, True): "both_refused", (False, True): "newly_refused", (True, False): "no_longer_refused",
+               (False, False): "neither_refused"}[(bool(b["refused"]), bool(r["refused"]))]
+        d[key] += 1
+    for d in sets.values():
+        refused_base = d["both_refused"] + d["no_longer_refused"]
+        refused_other = d["both_refused"] + d["newly_refused"]
+        metric = "asr" if d["role"] == "harmful" else "over_refusal"
+        d["metric"] = metric
+        d["baseline"] = (d["n"] - refused_base if metric == "asr" else refused_base) / d["n"]
+        d["model"] = (d["n"] - refused_other if metric == "asr" else refused_other) / d["n"]
+        d["mcnemar_p"] = mcnemar_exact(d["newly_refused"], d["no_longer_refused"])
+    return dict(sorted(sets.items()))
+
+
+def compare_runs(folders: list[Path], names: list[str], out: Path, seed: int) -> list[dict]:
+    """Pair every model's per-prompt judgements with the first model's and write ``comparison.jsonl``."""
+    runs = [read_jsonl(Path(f) / EVAL_JSONL, torn_tail_ok=True) for f in folders]
+    run = Run("eval.compare", names[0], {"baseline": names[0], "models": names, "folders": [str(f) for f in folders]},
+              seed)
+    records = [run.record("eval.paired", baseline=names[0], compared=name, sets=paired_changes(runs[0], recs))
+               for name, recs in zip(names[1:], runs[1:])]
+    write_jsonl(Path(out) / COMPARISON_JSONL, records)
+    return records
 
 
 def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...] = ("safety",), force: bool = False,
