@@ -183,3 +183,23 @@ def test_finding_one_needs_a_model_that_refuses():
     e.probe["baseline"]["harmful_refusal_score"] = -3.0
     f = findings([_e("original", "original", asr=1.0, zs=0.3), e], {})[0]
     assert f["verdict"] == "not tested" and "do not refuse" in f["evidence"]
+
+
+def test_finding_four_pairs_the_harmful_prompts_when_the_records_are_on_disk(tmp_path):
+    from aird.core.artifacts import write_jsonl
+
+    def evaluated(name, refused):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        write_jsonl(tmp_path / name / "eval" / "eval.jsonl",
+                    [{"record": "eval.prompt", "set": "advbench", "role": "harmful", "index": i, "prompt": f"p{i}",
+                      "refused": r} for i, r in enumerate(refused)]
+                    + [{"record": "eval.prompt", "set": "alpaca", "role": "benign", "index": 0, "prompt": "q",
+                        "refused": True}])
+        return tmp_path / name
+
+    prune = _e("prune", "compressed", "pruning", cos=0.6, moved=True, asr=0.8, zs=0.45)
+    rep = _e("prune-aird", "repaired", "repair", cos=0.9, asr=0.2, zs=0.45, parent="prune")
+    prune.folder = evaluated("prune", [True, True] + [False] * 8)
+    rep.folder = evaluated("prune-aird", [False] + [True] * 8 + [False])    # 7 newly refused, 1 no longer
+    f = {x["finding"][0]: x for x in findings([_e("original", "original", asr=0.2, zs=0.5), prune, rep], {})}
+    assert "10 harmful prompts paired: 7 newly refused, 1 no longer; McNemar p 0.07" in f["4"]["evidence"]

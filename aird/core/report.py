@@ -30,6 +30,23 @@ def _f(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _paired_harmful(before: "Entry", after: "Entry") -> str:
+    """The harmful prompts of every set paired across two evaluated models: how many the second newly refuses
+    and no longer refuses, and the exact McNemar p-value (empty when the per-prompt records are not on disk)."""
+    from aird.core.evaluate import EVAL_JSONL, mcnemar_exact, paired_changes
+
+    paths = [Path(e.folder) / "eval" / EVAL_JSONL if e.folder else None for e in (before, after)]
+    if not all(p is not None and p.is_file() for p in paths):
+        return ""
+    sets = paired_changes(*(read_jsonl(p, torn_tail_ok=True) for p in paths))
+    harmful = [d for d in sets.values() if d["role"] == "harmful"]
+    if not harmful:
+        return ""
+    new, gone = sum(d["newly_refused"] for d in harmful), sum(d["no_longer_refused"] for d in harmful)
+    return (f" [{sum(d['n'] for d in harmful)} harmful prompts paired: {new} newly refused, {gone} no longer; "
+            f"McNemar p {mcnemar_exact(new, gone):.2g}]")
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -145,7 +162,8 @@ def findings(entries: list["Entry"], cfg: dict) -> list[dict]:
         "partly holds" if lowered else "does not hold",
         "evidence": "; ".join(f"{r.name}: mean ASR {mean_asr(p):.3f} → {mean_asr(r):.3f} (over-refusal "
                               f"{_f(_mean(list(p.eval['over_refusal'].values())))} → "
-                              f"{_f(_mean(list(r.eval['over_refusal'].values())))})" for r, p in pairs)
+                              f"{_f(_mean(list(r.eval['over_refusal'].values())))}){_paired_harmful(p, r)}"
+                              for r, p in pairs)
         or "no model was repaired (no direction moved past the threshold)",
     })
     five = []
