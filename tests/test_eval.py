@@ -217,3 +217,12 @@ def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, mo
         assert got["mcnemar_p"] == mcnemar_exact(got["newly_refused"], got["no_longer_refused"])
     assert paired[0]["baseline"] == "model" and paired[0]["compared"] == "random"
     assert "random against model, the same prompts" in res.output
+
+
+def test_several_models_get_distinct_output_folders():
+    from aird.cli.main import _slugs
+
+    assert _slugs(["runs/default-wanda50", "default"]) == ["default-wanda50", "default"]
+    # two folders that share a name would have resumed one another's run; the same model twice is two runs
+    assert _slugs(["runs/a/model", "runs/b/model"]) == ["a-model", "b-model"]
+    assert _slugs(["default", "default"]) == ["default", "default-2"]

@@ -117,6 +117,19 @@ def _slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "-" for c in Path(spec).name or spec).strip("-") or "model"
 
 
+def _slugs(specs: list[str]) -> list[str]:
+    """One distinct folder name per model: its own name, with its parent folder's where two share a name
+    (runs/a/model and runs/b/model), and a counter where even that collides (the same model twice)."""
+    names = [_slug(x) for x in specs]
+    names = [_slug(str(Path(x).parent.name) + "-" + n) if names.count(n) > 1 else n for x, n in zip(specs, names)]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
 @app.command("probe")
 def probe_cmd(
     model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="Same as --model."),
@@ -430,27 +443,27 @@ def eval_cmd(
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
                          data_dir=str(data_dir) if data_dir else None, device=device)
         base = out or Path("runs") / "eval"
-        summaries, folders, paired = [], [], []
+        summaries, folders, paired, names = [], [], [], _slugs(specs)
         for spec in specs:
             with console.status(f"loading {spec}"):
                 lm = load_model(spec, device=device)
-            folders.append(base / _slug(spec) if len(specs) > 1 else base)
+            folders.append(base / names[len(folders)] if len(specs) > 1 else base)
             summaries.append(run_eval(lm, cfg, folders[-1], suites, force=force, reporter=RichReporter()))
         if len(specs) > 1:
             from aird.core.evaluate import compare_runs
             from aird.core.plots import plot_asr
 
-            if plot_asr(base / "asr_by_category.png", {_slug(x): s for x, s in zip(specs, summaries)}):
+            if plot_asr(base / "asr_by_category.png", dict(zip(names, summaries))):
                 console.print(f"ASR chart of all models: {base / 'asr_by_category.png'}", highlight=False)
             if "safety" in suites:
-                paired = compare_runs(folders, [_slug(x) for x in specs], base, seed)
-        render_eval(specs, summaries)
+                paired = compare_runs(folders, names, base, seed)
+        render_eval(names, summaries)
         render_paired(paired)
         if wants_json(json_out):
             emit([*summaries, *paired])
 
 
-def render_eval(specs: list[str], summaries: list[dict]) -> None:
+def render_eval(names: list[str], summaries: list[dict]) -> None:
     rows = []
     for key, label in (("asr", "ASR"), ("over_refusal", "over-refusal"), ("mean_refusal_score", "mean refusal score")):
         names = sorted({n for s in summaries for n in s[key]})
@@ -460,11 +473,11 @@ def render_eval(specs: list[str], summaries: list[dict]) -> None:
     if tasks:
         rows.append(("zero-shot acc: mean", *[s.get("zero_shot_mean") for s in summaries]))
     rows.append(("WikiText-2 perplexity", *[s.get("perplexity") for s in summaries]))
-    console.print(table("eval", ["metric", *[_slug(x) for x in specs]], rows))
-    for spec, s in zip(specs, summaries):
+    console.print(table("eval", ["metric", *names], rows))
+    for name_, s in zip(names, summaries):
         for name, cats in s["asr_by_category"].items():
             if len(cats) > 1:
-                console.print(table(f"ASR by category, {name}, {_slug(spec)}", ["category", "ASR"], list(cats.items())))
+                console.print(table(f"ASR by category, {name}, {name_}", ["category", "ASR"], list(cats.items())))
     console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
 
 
