@@ -226,3 +226,15 @@ def test_several_models_get_distinct_output_folders():
     # two folders that share a name would have resumed one another's run; the same model twice is two runs
     assert _slugs(["runs/a/model", "runs/b/model"]) == ["a-model", "b-model"]
     assert _slugs(["default", "default"]) == ["default", "default-2"]
+
+
+def test_the_eval_table_has_one_column_per_model():
+    from aird.cli.main import render_eval
+    from aird.cli.render import console
+
+    summaries = [{"asr": {"advbench": a}, "over_refusal": {"alpaca": 0.1}, "mean_refusal_score": {"advbench": 0.0},
+                  "asr_by_category": {}, "limits": {}} for a in (0.25, 0.75)]
+    with console.capture() as cap:
+        render_eval(["first-model", "second-model"], summaries)
+    header = next(line for line in cap.get().splitlines() if "metric" in line)
+    assert "first-model" in header and "second-model" in header and "advbench" not in header

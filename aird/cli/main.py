@@ -444,10 +444,10 @@ def eval_cmd(
                          data_dir=str(data_dir) if data_dir else None, device=device)
         base = out or Path("runs") / "eval"
         summaries, folders, paired, names = [], [], [], _slugs(specs)
-        for spec in specs:
+        for spec, name in zip(specs, names):
             with console.status(f"loading {spec}"):
                 lm = load_model(spec, device=device)
-            folders.append(base / names[len(folders)] if len(specs) > 1 else base)
+            folders.append(base / name if len(specs) > 1 else base)
             summaries.append(run_eval(lm, cfg, folders[-1], suites, force=force, reporter=RichReporter()))
         if len(specs) > 1:
             from aird.core.evaluate import compare_runs
@@ -463,7 +463,7 @@ def eval_cmd(
             emit([*summaries, *paired])
 
 
-def render_eval(names: list[str], summaries: list[dict]) -> None:
+def render_eval(models: list[str], summaries: list[dict]) -> None:
     rows = []
     for key, label in (("asr", "ASR"), ("over_refusal", "over-refusal"), ("mean_refusal_score", "mean refusal score")):
         names = sorted({n for s in summaries for n in s[key]})
@@ -473,11 +473,11 @@ def render_eval(names: list[str], summaries: list[dict]) -> None:
     if tasks:
         rows.append(("zero-shot acc: mean", *[s.get("zero_shot_mean") for s in summaries]))
     rows.append(("WikiText-2 perplexity", *[s.get("perplexity") for s in summaries]))
-    console.print(table("eval", ["metric", *names], rows))
-    for name_, s in zip(names, summaries):
+    console.print(table("eval", ["metric", *models], rows))
+    for model, s in zip(models, summaries):
         for name, cats in s["asr_by_category"].items():
             if len(cats) > 1:
-                console.print(table(f"ASR by category, {name}, {name_}", ["category", "ASR"], list(cats.items())))
+                console.print(table(f"ASR by category, {name}, {model}", ["category", "ASR"], list(cats.items())))
     console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
 
 

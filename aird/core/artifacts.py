@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 import time
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes the tensors take on disk, a storage shared by several (tied weights) counted once."""
+    return sum(v.numel() * v.element_size() for v in {v.data_ptr(): v for v in tensors}.values())
+
+
 def require_free_space(folder: Path, nbytes: int, what: str) -> None:
     """Fail before a long run, in one sentence, when ``folder``'s file system cannot hold ``nbytes`` more."""
     where = _existing(folder)
@@ -54,8 +60,10 @@ def disk_full_as_error(what: str, cleanup: Path | None = None):
         full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
         if not full:
             raise
-        if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True) if Path(cleanup).is_dir() else Path(cleanup).unlink(missing_ok=True)
+        if cleanup is not None and Path(cleanup).is_dir():
+            shutil.rmtree(cleanup, ignore_errors=True)
+        elif cleanup is not None:
+            Path(cleanup).unlink(missing_ok=True)
         raise DiskFull(f"the disk filled up while writing {what}; free some space and rerun the same command.") from None
 
 

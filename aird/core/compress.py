@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from aird.core import plugins
-from aird.core.artifacts import Run, Stopwatch, disk_full_as_error, finished_model_folder, require_free_space, write_jsonl
+from aird.core.artifacts import (Run, Stopwatch, disk_full_as_error, finished_model_folder, require_free_space,
+                                 tensor_bytes, write_jsonl)
 from aird.core.data import load_set, sample
 from aird.core.env import default_data_dir
 from aird.core.errors import AirdError
@@ -187,7 +188,6 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
     if cfg.calib_samples < 1 or cfg.calib_seq_len < 8:
         raise AirdError("--calib-samples must be at least 1 and --calib-seq-len at least 8.")
     out = Path(out)
-    jsonl = out / COMPRESS_JSONL
     fmt = resolve_format(cfg.format, plugin, lm)
     config = {"model_path": lm.path, **asdict(cfg), "params": params, "format": fmt}
     done = finished_model_folder(out, COMPRESS_JSONL, "compress.summary", config, force, ignore=NON_SEMANTIC)
@@ -196,19 +196,21 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
 
     # the original weights wait on disk beside the output, not in memory: peak RAM stays near one copy of the
     # model. Both that copy and the written model must fit: say so now, not after minutes of compressing.
-    linear = decoder_linear_weights(lm.model.state_dict())
-    model_bytes = sum(v.numel() * v.element_size() for v in {v.data_ptr(): v for v in lm.model.state_dict().values()}.values())
+    sd = lm.model.state_dict()
+    linear = decoder_linear_weights(sd)
     out.parent.mkdir(parents=True, exist_ok=True)
-    require_free_space(out.parent, model_bytes + sum(v.numel() * v.element_size() for v in linear.values()),
+    require_free_space(out.parent, tensor_bytes(sd.values()) + tensor_bytes(linear.values()),
                        f"compressing into {out} (the written model and a scratch copy of the original weights)")
+    del sd
     scratch = tempfile.TemporaryDirectory(prefix=".aird-compress-", dir=out.parent)
     try:
-        return _compress_and_save(lm, cfg, plugin, params, fmt, config, out, jsonl, rep, linear, Path(scratch.name))
+        return _compress_and_save(lm, cfg, plugin, params, fmt, config, out, rep, linear, Path(scratch.name))
     finally:
         scratch.cleanup()
 
 
-def _compress_and_save(lm, cfg, plugin, params, fmt, config, out, jsonl, rep, linear, scratch: Path) -> CompressResult:
+def _compress_and_save(lm, cfg, plugin, params, fmt, config, out, rep, linear, scratch: Path) -> CompressResult:
+    jsonl = out / COMPRESS_JSONL
     run = Run("compress", lm.spec, config, cfg.seed)
     sw = Stopwatch(run.timings)
     with disk_full_as_error("a scratch copy of the original weights", cleanup=scratch / "original.safetensors"):

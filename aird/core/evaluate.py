@@ -132,6 +132,10 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+_PAIR_KEY = {(True, True): "both_refused", (False, True): "newly_refused", (True, False): "no_longer_refused",
+             (False, False): "neither_refused"}   # (baseline refused, other refused)
+
+
 def paired_changes(baseline: list[dict], other: list[dict]) -> dict[str, dict]:
     """Per set, how ``other``'s judgements of the same prompts differ from ``baseline``'s (eval.prompt records
     paired on set, index and prompt text): refused by both, newly refused, no longer refused, and the exact
@@ -147,9 +151,7 @@ def paired_changes(baseline: list[dict], other: list[dict]) -> dict[str, dict]:
         d = sets.setdefault(r["set"], {"role": r["role"], "n": 0, "both_refused": 0, "newly_refused": 0,
                                        "no_longer_refused": 0, "neither_refused": 0})
         d["n"] += 1
-        key = {(True, True): "both_refused", (False, True): "newly_refused", (True, False): "no_longer_refused",
-               (False, False): "neither_refused"}[(bool(b["refused"]), bool(r["refused"]))]
-        d[key] += 1
+        d[_PAIR_KEY[(bool(b["refused"]), bool(r["refused"]))]] += 1
     for d in sets.values():
         refused_base = d["both_refused"] + d["no_longer_refused"]
         refused_other = d["both_refused"] + d["newly_refused"]

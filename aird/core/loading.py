@@ -19,7 +19,7 @@ import torch
 
 from aird.core import registry
 from aird.core.adapters import Adapter, adapter_for
-from aird.core.artifacts import disk_full_as_error, require_free_space
+from aird.core.artifacts import disk_full_as_error, require_free_space, tensor_bytes
 from aird.core.env import cache_dir, resolve_device, resolve_dtype
 from aird.core.errors import AirdError, ModelNotFound, UnsupportedModel
 
@@ -82,7 +82,7 @@ def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = Non
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     keep = {k: v for k, v in sd.items() if not (tied and k == "lm_head.weight")}
     if write_weights is None:
-        require_free_space(out.parent, sum(v.numel() * v.element_size() for v in keep.values()), f"the model at {out}")
+        require_free_space(out.parent, tensor_bytes(keep.values()), f"the model at {out}")
     with disk_full_as_error(f"the model at {out}", cleanup=tmp):
         tmp.mkdir(parents=True)
         if write_weights is not None:

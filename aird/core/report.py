@@ -30,12 +30,12 @@ def _f(v, digits: int = 3) -> str:
     return str(v)
 
 
-def _paired_harmful(before: "Entry", after: "Entry") -> str:
+def _paired_harmful(before: Entry, after: Entry) -> str:
     """The harmful prompts of every set paired across two evaluated models: how many the second newly refuses
     and no longer refuses, and the exact McNemar p-value (empty when the per-prompt records are not on disk)."""
     from aird.core.evaluate import EVAL_JSONL, mcnemar_exact, paired_changes
 
-    paths = [Path(e.folder) / "eval" / EVAL_JSONL if e.folder else None for e in (before, after)]
+    paths = [e.eval_dir / EVAL_JSONL if e.folder else None for e in (before, after)]
     if not all(p is not None and p.is_file() for p in paths):
         return ""
     sets = paired_changes(*(read_jsonl(p, torn_tail_ok=True) for p in paths))
@@ -340,7 +340,7 @@ def write_report(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict]
         plots["asr"] = "plots/asr_by_category.png"
     scores: dict[str, dict[str, list[float]]] = {}
     for e in entries:
-        jl = e.folder / "eval" / "eval.jsonl"
+        jl = e.eval_dir / "eval.jsonl"
         if jl.is_file():
             recs = [r for r in read_jsonl(jl, torn_tail_ok=True) if r["record"] == "eval.prompt"]
             scores[e.name] = {"harmful": [r["refusal_score"] for r in recs if r["role"] == "harmful"],

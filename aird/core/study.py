@@ -145,6 +145,11 @@ class Entry:
     diff: dict | None = None
     eval: dict | None = None
 
+    @property
+    def eval_dir(self) -> Path:
+        """Where the study evaluates this model (eval.jsonl and its plots)."""
+        return Path(self.folder) / "eval"
+
 
 @dataclass
 class StudyResult:
@@ -243,11 +248,11 @@ class _Study:
         from aird.core.evaluate import EVAL_JSONL, EvalConfig, run_eval
 
         def go() -> dict:
-            done = _summary(e.folder / "eval" / EVAL_JSONL, "eval.summary")
+            done = _summary(e.eval_dir / EVAL_JSONL, "eval.summary")
             if done is not None:
                 return {**done, "resumed": True}
             ec = EvalConfig(seed=self.cfg["seed"], data_dir=self.data_dir, device=self.device, **self.cfg["eval"])
-            return run_eval(self.lm(e.model_path), ec, e.folder / "eval", ("safety", "utility"), reporter=self.rep)
+            return run_eval(self.lm(e.model_path), ec, e.eval_dir, ("safety", "utility"), reporter=self.rep)
 
         e.eval = self.step(f"eval {e.name}", go)
         return e.eval
