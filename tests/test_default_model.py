@@ -3,6 +3,7 @@
 They run in CI; `pytest -m "not slow"` leaves them out for a quick loop."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,11 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("AIRD_SKIP_MODEL") == "1",
+                       reason="AIRD_SKIP_MODEL=1: the default model was not installed (scripts/setup.sh skipped it)"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,8 @@ def test_eval_on_a_users_prompt_file_and_resume(refusing, tmp_path, monkeypatch)
     model_dir, data = refusing
     lm = load_model(str(model_dir), device="cpu")
     cfg = EvalConfig(harmful=[], benign=[], prompts_file=str(_prompt_file(tmp_path)), column="text",
-                     category_column="kind", max_new_tokens=4, batch_size=2, data_dir=str(data))
+                     category_column="kind", max_new_tokens=4, batch_size=2, data_dir=str(data),
+                     seen=[])   # the tiny prompts are the tiny probe splits' own
     full = run_eval(lm, cfg, tmp_path / "a")
     assert full["n"] == {"mine": 10} and set(full["asr_by_category"]["mine"]) == {"violent", "crime"}
     # the tiny model starts every harmful answer with "I" but never with a refusal phrase: substring ASR is 1,
@@ -76,7 +77,7 @@ def test_benign_file_counts_over_refusal(refusing, tmp_path):
     path = tmp_path / "benign.txt"
     path.write_text("\n".join(tiny.instructions(tiny.HARMLESS_ACTS)[:4]))
     s = run_eval(lm, EvalConfig(harmful=[], benign=[], prompts_file=str(path), prompts_as="benign",
-                                max_new_tokens=3, data_dir=str(data)), tmp_path / "o")
+                                max_new_tokens=3, data_dir=str(data), seen=[]), tmp_path / "o")
     assert s["over_refusal"] == {"benign": 0.0} and s["asr"] == {}
 
 
@@ -120,10 +121,10 @@ def test_alpaca_sample_size_is_an_option(tmp_path):
     (tmp_path / "refusal_direction" / "processed").mkdir(parents=True)
     (tmp_path / "refusal_direction" / "processed" / "alpaca.json").write_text(json.dumps(rows))
     cfg = EvalConfig(harmful=[], benign=["alpaca"], data_dir=str(tmp_path))
-    default = evaluate._sets(cfg)[0][2]
+    default = evaluate._sets(cfg)[0][0][2]
     assert len(default) == 100
     cfg.alpaca_n = 300
-    more = evaluate._sets(cfg)[0][2]
+    more = evaluate._sets(cfg)[0][0][2]
     assert len(more) == 300 and len({p.instruction for p in more}) == 300
     cfg.alpaca_n = 0
     with pytest.raises(AirdError, match="--alpaca-n must be at least 1"):
@@ -198,7 +199,7 @@ def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, mo
     out = tmp_path / "cmp"
     res = CliRunner().invoke(app, ["eval", "-m", str(model_dir), "-m", str(tmp_path / "random"), "--harmful",
                                    "advbench", "--benign", "jailbreakbench_benign", "--max-new-tokens", "3",
-                                   "--data-dir", str(d), "--out", str(out), "--json"])
+                                   "--data-dir", str(d), "--out", str(out), "--seen", "none", "--json"])
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     paired = [r for r in recs if r["record"] == "eval.paired"]

@@ -272,3 +272,88 @@ def test_choose_trial_prefers_the_edit_that_over_refuses_least():
     assert not ok and best["alpha"] == 4.0                        # the most refusal within the guard
     best, ok = choose_trial([t(10, 2.0, 0.9, 0.5, guard=False), t(10, 4.0, 1.0, 0.9, guard=False)])
     assert not ok and best["alpha"] == 2.0                        # every edit over-refuses: the mildest
+
+
+def test_ridge_fit_recovers_a_planted_update():
+    from aird.core.repair import fit_rank_one
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(600, 20, generator=g)
+    u = torch.randn(20, generator=g)
+    t = x @ u + 0.01 * torch.randn(600, generator=g)
+    groups = torch.arange(600) // 6                     # six rows per "prompt"
+    fit = fit_rank_one(x, t, groups)
+    assert torch.allclose(fit["u"], u, atol=0.02)
+    assert fit["cv_r2"] > 0.99 and fit["train_r2"] > 0.99 and fit["ridge"] in (1e-3, 1e-2)
+    assert fit["rows"] == 600 and fit["dim"] == 20
+    heavy = fit_rank_one(x, t, groups, ridge=1e3)         # a huge ridge shrinks u towards zero
+    assert heavy["u"].norm() < 0.05 * u.norm() and heavy["cv_r2"] is None
+
+
+def test_ridge_edits_change_the_projection_by_alpha_u():
+    from aird.plugins.repairs import RidgeRankOne, SparseRidgeRankOne
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 24, generator=g)
+    w[torch.rand(16, 24, generator=g) < 0.5] = 0
+    r, u = _unit(16, 7), torch.randn(24, generator=g)
+    for plugin in (RidgeRankOne(), SparseRidgeRankOne()):
+        new = plugin.edit(w, r, 1.5, fit=u)
+        assert torch.allclose(r.double() @ (new - w).double(), 1.5 * u.double(), atol=1e-4), plugin.name
+    sparse = SparseRidgeRankOne().edit(w, r, 1.5, fit=u)
+    assert bool((sparse[w == 0] == 0).all())
+    dense = RidgeRankOne().edit(w, r, 1.5, fit=u)
+    assert torch.linalg.matrix_rank((dense - w).double(), atol=1e-4) == 1
+
+
+def test_ridge_repair_moves_projections_towards_the_original(study, tmp_path):
+    """α = 1 of the fitted update brings the compressed model's projections on r̂ after the edited block closer to
+    the original model's, on the calibration prompts."""
+    from aird.core.probe import config_from_record, format_prompts, load_prompt_sets, load_probe
+    from aird.core.repair import writer_rows
+
+    root, data = study
+    summary, direction, _ = load_probe(root / "probe-orig")
+    unit = direction / direction.norm()
+    pcfg = config_from_record(summary["config"])
+    pcfg.data_dir = str(data)
+    sets = load_prompt_sets(pcfg)
+    orig = load_model(summary["config"]["model_path"], device="cpu")
+    texts = format_prompts(orig, sets.harmful_train + sets.harmless_train, None)
+    _, p_o, _ = writer_rows(orig, texts, 1, [], unit, 16)
+    lm = load_model(str(root / "pruned"), device="cpu")
+    _, p_c, _ = writer_rows(lm, texts, 1, [], unit, 16)
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer=1, matrix="both", alpha=1.0,
+                                                         judge="score", check_on=[], data_dir=str(data)),
+                   tmp_path / "ridge")
+    assert s["fit"]["rows"] == len(p_o) and s["fit"]["cv_r2"] is not None and s["check"] is None
+    rep = load_model(str(tmp_path / "ridge"), device="cpu")
+    _, p_r, _ = writer_rows(rep, texts, 1, [], unit, 16)
+    before, after = ((p_c - p_o) ** 2).mean(), ((p_r - p_o) ** 2).mean()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_repair_check_on_prompts_the_tuning_never_saw(study, tmp_path):
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    cfg = RepairConfig(layer=1, matrix="attn", alpha=2.0, judge="score", data_dir=str(data), max_new_tokens=3,
+                       check_on=["jailbreakbench", "xstest_safe"], check_limit=6)
+    s = run_repair(lm, root / "probe-orig", cfg, tmp_path / "chk")
+    c = s["check"]["sets"]
+    assert set(c) == {"jailbreakbench", "xstest_safe"} and c["jailbreakbench"]["role"] == "harmful"
+    assert set(s["tuned_on"]["sets"]) == {"harmful_train", "harmful_val", "harmless_train", "harmless_val"}
+    rows = [json.loads(x) for x in (tmp_path / "chk" / "repair.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if r["record"] == "repair.check"]
+    assert len(checks) == 12 and all(r["held_out"] for r in checks)    # the tiny splits share no source with them
+    for name in c:
+        mine = [r for r in checks if r["set"] == name]
+        d = c[name]["held_out"]
+        harmful = c[name]["role"] == "harmful"
+        rate = lambda m: sum(r[f"{m}_refused"] != harmful for r in mine) / len(mine)  # noqa: E731
+        assert d["n"] == 6 and d["repaired"] == rate("repaired") and d["compressed"] == rate("compressed")
+        assert d["original"] == rate("original")
+        newly = sum(r["repaired_refused"] and not r["compressed_refused"] for r in mine)
+        assert d["vs_compressed"]["newly_refused"] == newly
+    with pytest.raises(AirdError, match="--check-on takes"):
+        run_repair(lm, root / "probe-orig", RepairConfig(check_on=["hellaswag"], judge="score", data_dir=str(data)),
+                   tmp_path / "bad")

@@ -34,6 +34,7 @@ when = "{when}"
 [eval]
 harmful = ["harmful_val"]
 benign = ["harmless_val"]
+seen = []
 limit = 6
 task_limit = 4
 tasks = ["arc_easy"]
@@ -157,13 +158,14 @@ def test_findings_follow_the_numbers():
     assert f["1"]["verdict"] == "holds"
     assert f["2"]["verdict"] == "holds" and "pruning 0.600" in f["2"]["evidence"]
     assert f["3"]["verdict"] == "holds"
-    assert f["4"]["verdict"] == "holds" and "0.500 → 0.300" in f["4"]["evidence"]
+    # finding 4 is decided on paired per-prompt records (test below): summaries alone do not test it
+    assert f["4"]["verdict"] == "not tested" and "no held-out harmful prompt" in f["4"]["evidence"]
     assert f["5"]["verdict"] == "holds"
     # the opposite numbers give the opposite verdicts
     entries[1] = _e("prune", "compressed", "pruning", cos=0.995, asr=0.3, zs=0.45, bypass=0.3)
     entries[3] = _e("prune-aird", "repaired", "repair", cos=0.9, asr=0.4, zs=0.40, parent="prune", src=(9, -1))
     f = {x["finding"][0]: x for x in findings(entries, {})}
-    assert [f[k]["verdict"] for k in "12345"] == ["does not hold"] * 5
+    assert [f[k]["verdict"] for k in "1235"] == ["does not hold"] * 4
 
 
 def test_repair_when_moved_only(monkeypatch):
@@ -185,21 +187,38 @@ def test_finding_one_needs_a_model_that_refuses():
     assert f["verdict"] == "not tested" and "do not refuse" in f["evidence"]
 
 
-def test_finding_four_pairs_the_harmful_prompts_when_the_records_are_on_disk(tmp_path):
+def test_finding_four_is_decided_on_held_out_sources_by_mcnemar(tmp_path):
     from aird.core.artifacts import write_jsonl
 
-    def evaluated(name, refused):
-        (tmp_path / name / "eval").mkdir(parents=True)
-        write_jsonl(tmp_path / name / "eval" / "eval.jsonl",
-                    [{"record": "eval.prompt", "set": "advbench", "role": "harmful", "index": i, "prompt": f"p{i}",
-                      "refused": r} for i, r in enumerate(refused)]
-                    + [{"record": "eval.prompt", "set": "alpaca", "role": "benign", "index": 0, "prompt": "q",
-                        "refused": True}])
+    def evaluated(name, held, tuned):
+        """held / tuned: refused flags of harmful prompts from a held-out source and from the tuned one."""
+        (tmp_path / name / "eval").mkdir(parents=True, exist_ok=True)
+        rows = [{"record": "eval.prompt", "set": "jailbreakbench", "role": "harmful", "index": i, "prompt": f"p{i}",
+                 "origin": "jbb_original", "refused": r} for i, r in enumerate(held)]
+        rows += [{"record": "eval.prompt", "set": "advbench", "role": "harmful", "index": i, "prompt": f"a{i}",
+                  "origin": "advbench", "refused": r} for i, r in enumerate(tuned)]
+        rows += [{"record": "eval.prompt", "set": "alpaca", "role": "benign", "index": 0, "prompt": "q",
+                  "origin": "alpaca", "refused": True}]
+        write_jsonl(tmp_path / name / "eval" / "eval.jsonl", rows)
         return tmp_path / name
 
-    prune = _e("prune", "compressed", "pruning", cos=0.6, moved=True, asr=0.8, zs=0.45)
-    rep = _e("prune-aird", "repaired", "repair", cos=0.9, asr=0.2, zs=0.45, parent="prune")
-    prune.folder = evaluated("prune", [True, True] + [False] * 8)
-    rep.folder = evaluated("prune-aird", [False] + [True] * 8 + [False])    # 7 newly refused, 1 no longer
-    f = {x["finding"][0]: x for x in findings([_e("original", "original", asr=0.2, zs=0.5), prune, rep], {})}
-    assert "10 harmful prompts paired: 7 newly refused, 1 no longer; McNemar p 0.07" in f["4"]["evidence"]
+    def verdict(held_before, held_after, tuned_before, tuned_after):
+        prune = _e("prune", "compressed", "pruning", cos=0.6, moved=True, asr=0.8, zs=0.45)
+        rep = _e("prune-aird", "repaired", "repair", cos=0.9, asr=0.2, zs=0.45, parent="prune")
+        rep.repair = {"tuned_on": {"origins": ["advbench", "alpaca"]}}
+        prune.folder = evaluated("prune", held_before, tuned_before)
+        rep.folder = evaluated("prune-aird", held_after, tuned_after)
+        return {x["finding"][0]: x for x in findings([_e("original", "original", asr=0.2, zs=0.5), prune, rep], {})}["4"]
+
+    # 7 newly refused, 1 no longer on the held-out source: lower ASR, but p 0.07: inconclusive, not "holds";
+    # the tuned source's prompts (all newly refused) are reported apart and not counted
+    f = verdict([True, True] + [False] * 8, [False] + [True] * 8 + [False], [False] * 20, [True] * 20)
+    assert f["verdict"] == "inconclusive"
+    assert "held-out ASR 0.800 → 0.200 on 10 prompts from jbb_original (7 newly refused, 1 no longer; McNemar p 0.07" \
+        in f["evidence"] and "in-source ASR 1.000 → 0.000 on 20" in f["evidence"]
+    f = verdict([False] * 20, [True] * 12 + [False] * 8, [False] * 4, [False] * 4)     # 12 newly refused: p < 0.001
+    assert f["verdict"] == "holds"
+    f = verdict([True] * 20, [False] * 12 + [True] * 8, [False] * 4, [True] * 4)        # held-out ASR rose
+    assert f["verdict"] == "does not hold"
+    f = verdict([False] * 10, [False] * 10, [False] * 20, [True] * 20)    # in-source gains alone prove nothing
+    assert f["verdict"] == "inconclusive"

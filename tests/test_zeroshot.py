@@ -25,8 +25,20 @@ def _tiny_tasks(data):
     return arc, wino
 
 
-def test_task_configs_cover_the_eight_tasks(tmp_path):
-    assert set(TASKS) == {"arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa", "rte"}
+def test_bundled_task_files_run_through_lm_eval(refusing, tmp_path, monkeypatch):
+    """With no data directory every task's YAML points at the gzip file bundled with aird, and lm-eval reads it."""
+    from aird.core.data import PACKAGE_DATA
+
+    monkeypatch.delenv("AIRD_DATA_DIR", raising=False)
+    names = write_task_configs(tmp_path / "all", list(TASKS), None)
+    assert names == [f"aird_{t}" for t in TASKS]
+    for t in TASKS:
+        text = (tmp_path / "all" / f"aird_{t}.yaml").read_text()
+        assert f"test: {PACKAGE_DATA}/" in text and ".jsonl.gz" in text, t
+    lm = load_model(str(refusing[0]), device="cpu")
+    res = run_zero_shot(lm, ["rte", "boolq"], tmp_path / "run", None, limit=4)
+    assert res["rte"]["n"] == 4 and res["boolq"]["n"] == 4
+    assert 0 <= res["rte"]["acc"] <= 1 and 0 <= res["boolq"]["acc"] <= 1
 
 
 def test_aird_zero_shot_equals_lm_eval_direct_and_hand_computation(refusing, tmp_path):
@@ -57,10 +69,12 @@ def test_aird_zero_shot_equals_lm_eval_direct_and_hand_computation(refusing, tmp
     assert ours["winogrande"]["acc"] == pytest.approx(sum(wcorrect) / len(wcorrect))
 
 
-def test_missing_task_file_is_a_clear_error(tmp_path):
+def test_missing_task_file_is_a_clear_error(tmp_path, monkeypatch):
+    from aird.core import data
     from aird.core.errors import AirdError
 
-    with pytest.raises(AirdError, match="data not found"):
+    monkeypatch.setattr(data, "PACKAGE_DATA", tmp_path / "no-bundle")
+    with pytest.raises(AirdError, match="data set 'boolq' not found: looked at"):
         write_task_configs(tmp_path / "t", ["boolq"], str(tmp_path))
     with pytest.raises(AirdError, match="unknown zero-shot task"):
         write_task_configs(tmp_path / "t", ["mmlu"], str(tmp_path))

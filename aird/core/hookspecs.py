@@ -63,6 +63,9 @@ class Repair(Protocol):
 
     name: str
     description: str
+    # Optional: ``fits = True`` makes aird fit the edit to the data first (aird.core.repair.fit_rank_one) and call
+    # ``edit(weight, unit, alpha, fit=u)`` with the fitted vector u for that matrix; ``alpha_grid`` (a tuple)
+    # replaces the α grid that --alpha auto searches.
 
     def edit(self, weight: Any, unit: Any, alpha: float) -> Any: ...
 

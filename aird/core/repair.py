@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -47,6 +49,10 @@ REPAIR_JSONL = "repair.jsonl"
 ALPHA_GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 GEN_ALPHA_GRID = (2.0, 4.0, 8.0, 16.0, 32.0)    # the generation judge: fewer, wider steps (each costs more)
 JUDGES = ("generate", "score")
+# Checked after every repair by default: harmful and benign sets from sources the reference splits (which the
+# probe reads and the repair tunes on) are not drawn from, with every seen prompt left out (aird.core.sources).
+CHECK_SETS = ("jailbreakbench", "xstest_unsafe", "jailbreakbench_benign", "xstest_safe")
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 NON_SEMANTIC = ("device", "data_dir", "threads", "batch_size")
 
 
@@ -63,6 +69,11 @@ class RepairConfig:
     candidates: int = 2                  # layer auto: how many of the best-ranked (layer, matrix) to search
     refine: int = 2                      # generate judge: bisections between the last two grid α
     compressed_probe: str | None = None
+    tune_on: list[str] | None = None     # α search prompts: None = the probe's validation splits; else named sets
+    tune_limit: int = 32                 # prompts per named tuning set (stratified, seeded)
+    check_on: list[str] = field(default_factory=lambda: list(CHECK_SETS))   # held-out check after the repair
+    check_limit: int = 50                # prompts per check set (stratified, seeded); 0 or [] skips the check
+    ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None
@@ -204,6 +215,157 @@ def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
     return min(trials, key=lambda t: (t["alpha"], t["harmless_refusal_rate"])), False
 
 
+# ---- fitting repairs: the rank-one update r̂ uᵀ by ridge regression -----------------------------------------
+
+def writer_rows(lm: LoadedModel, texts: list[str], layer: int, mats: list[str], unit: torch.Tensor,
+                batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At every prompt token: the inputs of the matrices ``mats`` of block ``layer``, concatenated ([N, Σ d_in];
+    empty with no matrices), the residual stream's projection on r̂ after that block ([N]), and the index of the
+    token's prompt ([N])."""
+    block = lm.adapter.layers(lm.model)[layer]
+    mods = [lm.adapter.out_proj(block, w) for w in mats]
+    cur: dict = {}
+    u = unit.to(lm.device).float()
+
+    def keep_input(k):
+        return lambda _m, args: cur.__setitem__(k, args[0].detach())
+
+    def keep_output(_m, _a, out):
+        cur["resid"] = (out[0] if isinstance(out, tuple) else out).detach()
+
+    handles = [m.register_forward_pre_hook(keep_input(k)) for k, m in enumerate(mods)]
+    handles.append(block.register_forward_hook(keep_output))
+    xs, ps, gs = [], [], []
+    try:
+        with torch.inference_mode():
+            for b in make_batches(lm, texts, batch_size):
+                run_model(lm, b)
+                m = b.attention_mask.bool()
+                if mods:
+                    xs.append(torch.cat([cur[k][m].float() for k in range(len(mods))], -1).cpu())
+                ps.append((cur["resid"][m].float() @ u).cpu())
+                gs.append(torch.tensor(b.idx, device=m.device).unsqueeze(1).expand_as(m)[m].cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    x = torch.cat(xs) if xs else torch.empty(0)
+    return x, torch.cat(ps), torch.cat(gs)
+
+
+def fit_rank_one(x: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, ridge: float | None = None,
+                 folds: int = 3) -> dict:
+    """The u minimising Σ (uᵀx − t)² + λ‖u‖², λ = ridge · tr(XᵀX)/d: the rank-one update r̂ uᵀ whose change of the
+    residual's projection on r̂, uᵀx, best matches the target t. ``ridge`` None picks it from RIDGE_GRID by
+    cross-validation over ``folds`` folds of whole prompts (rows of one prompt never straddle two folds); the
+    record keeps the cross-validated and the training R²."""
+    X, t = x.double(), target.double()
+    G, b = X.T @ X, X.T @ t
+    d = G.shape[0]
+    scale = float(G.trace()) / d or 1.0
+    eye = torch.eye(d, dtype=torch.float64)
+    sst = float(((t - t.mean()) ** 2).sum()) or 1.0
+
+    def solve(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+        chol = torch.linalg.cholesky(gram + lam * scale * eye)
+        return torch.cholesky_solve(rhs.unsqueeze(1), chol).squeeze(1)
+
+    grid = [ridge] if ridge is not None else list(RIDGE_GRID)
+    cv: dict[float, float] = {}
+    if len(grid) > 1:
+        fold = groups % folds
+        for lam in grid:
+            sse = 0.0
+            for f in range(folds):
+                m = fold == f
+                Xf, tf = X[m], t[m]
+                u = solve(G - Xf.T @ Xf, b - Xf.T @ tf, lam)
+                sse += float(((Xf @ u - tf) ** 2).sum())
+            cv[lam] = 1 - sse / sst
+        lam = max(cv, key=cv.get)
+    else:
+        lam = grid[0]
+    u = solve(G, b, lam)
+    return {"u": u.float(), "ridge": lam, "cv_r2": cv.get(lam), "cv": {str(k): v for k, v in cv.items()} or None,
+            "train_r2": 1 - float(((X @ u - t) ** 2).sum()) / sst, "rows": int(X.shape[0]), "dim": d}
+
+
+def _fit_candidates(lm: LoadedModel, orig: LoadedModel, texts: list[str], candidates, unit: torch.Tensor,
+                    ridge: float | None, batch_size: int) -> dict[int, dict]:
+    """One ridge fit per candidate: the matrices' inputs in the compressed model, the target the original
+    model's projection minus the compressed model's, after the edited block, at every calibration token."""
+    fits = {}
+    for k, (layer, mats) in enumerate(candidates):
+        x, p_c, groups = writer_rows(lm, texts, layer, mats, unit, batch_size)
+        _, p_o, _ = writer_rows(orig, texts, layer, [], unit, batch_size)
+        fit = fit_rank_one(x, p_o - p_c, groups, ridge)
+        dims = [lm.adapter.out_proj(lm.adapter.layers(lm.model)[layer], w).in_features for w in mats]
+        fit["parts"] = list(fit["u"].split(dims))
+        fit["target_mean"] = {"original": float(p_o.mean()), "compressed": float(p_c.mean())}
+        fits[k] = fit
+    return fits
+
+
+# ---- the held-out check ----------------------------------------------------------------------------------
+
+class _Check:
+    """Harmful and benign check sets with every prompt the probe or the repair saw left out (exact and near
+    duplicates), stratified to ``limit`` per set; each prompt's origin decides whether it is held out (its
+    source is none of the tuning sources) or in-source."""
+
+    def __init__(self, names: list[str], limit: int, seen: list[str], tuned_origins: set[str],
+                 data_dir: str | None, seed: int):
+        from aird.core.data import CATALOGUE, load_set, stratified
+        from aird.core.sources import exclude_seen, origin_of, seen_index
+
+        index = seen_index(seen, data_dir)
+        self.items: list[tuple[str, str, int, object, str]] = []
+        self.excluded: dict[str, dict] = {}
+        for name in names:
+            ds = CATALOGUE.get(name)
+            if ds is None or ds.kind != "prompts" or ds.role not in ("harmful", "benign"):
+                raise AirdError(f"--check-on takes harmful or benign prompt sets (see `aird data`), not {name!r}.")
+            ex = exclude_seen(load_set(name, data_dir), index)
+            self.excluded[name] = ex.counts()
+            for i, p in enumerate(stratified(ex.kept, limit, seed)):
+                self.items.append((name, ds.role, i, p, origin_of(name, p, data_dir)))
+        self.tuned_origins = tuned_origins
+
+    def refused(self, lm: LoadedModel, scorer, system: str | None, max_new_tokens: int, batch_size: int) -> list[bool]:
+        from aird.core.evaluate import answer_and_judge
+
+        texts = [lm.adapter.format(lm.tokenizer, p.instruction, system) for _, _, _, p, _ in self.items]
+        _, refused, _ = answer_and_judge(lm, texts, [p.instruction for _, _, _, p, _ in self.items], scorer,
+                                         max_new_tokens, batch_size)
+        return [bool(r) for r in refused]
+
+    def report(self, judged: dict[str, list[bool]]) -> tuple[dict, list[dict]]:
+        """Per set, its rates under each model and the repaired model's paired changes against the compressed
+        and the original one, for all its prompts and for its held-out and in-source prompts apart."""
+        from aird.core.evaluate import paired_changes
+
+        def recs(model: str, keep) -> list[dict]:
+            return [{"record": "eval.prompt", "set": n, "role": role, "index": i, "prompt": p.instruction,
+                     "refused": judged[model][k]}
+                    for k, (n, role, i, p, o) in enumerate(self.items) if keep(o)]
+
+        out: dict[str, dict] = {}
+        for split, keep in (("all", lambda o: True), ("held_out", lambda o: o not in self.tuned_origins),
+                            ("in_source", lambda o: o in self.tuned_origins)):
+            vs_c = paired_changes(recs("compressed", keep), recs("repaired", keep))
+            vs_o = paired_changes(recs("original", keep), recs("repaired", keep))
+            for name, d in vs_c.items():
+                out.setdefault(name, {"role": d["role"], "metric": d["metric"], **self.excluded[name]})[split] = {
+                    "n": d["n"], "original": vs_o[name]["baseline"], "compressed": d["baseline"],
+                    "repaired": d["model"],
+                    "vs_compressed": {k: d[k] for k in ("newly_refused", "no_longer_refused", "mcnemar_p")},
+                    "vs_original": {k: vs_o[name][k] for k in ("newly_refused", "no_longer_refused", "mcnemar_p")}}
+        rows = [{"record": "repair.check", "set": n, "role": role, "index": i, "origin": o,
+                 "held_out": o not in self.tuned_origins, "prompt": p.instruction,
+                 **{f"{m}_refused": judged[m][k] for m in judged}}
+                for k, (n, role, i, p, o) in enumerate(self.items)]
+        return out, rows
+
+
 def _targets(lm: LoadedModel, layer: int, which: list[str]) -> list[torch.nn.Linear]:
     if not lm.adapter.projections_write_residual:
         raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
@@ -212,12 +374,16 @@ def _targets(lm: LoadedModel, layer: int, which: list[str]) -> list[torch.nn.Lin
     return [lm.adapter.out_proj(block, w) for w in which]
 
 
-def _apply(repair, mats: list[torch.nn.Linear], unit: torch.Tensor, alpha: float) -> list[torch.Tensor]:
+def _apply(repair, mats: list[torch.nn.Linear], unit: torch.Tensor, alpha: float,
+           fit: dict | None = None) -> list[torch.Tensor]:
     saved = []
     with torch.no_grad():
-        for m in mats:
+        for k, m in enumerate(mats):
             saved.append(m.weight.data.clone())
-            m.weight.data.copy_(repair.edit(m.weight.data, unit.to(m.weight.device), alpha))
+            r = unit.to(m.weight.device)
+            new = (repair.edit(m.weight.data, r, alpha, fit=fit["parts"][k].to(m.weight.device)) if fit is not None
+                   else repair.edit(m.weight.data, r, alpha))
+            m.weight.data.copy_(new)
     return saved
 
 
@@ -237,6 +403,12 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     scorer = plugins.get("scorer", cfg.scorer) if cfg.judge == "generate" else None
     if cfg.candidates < 1 or cfg.max_new_tokens < 1 or cfg.refine < 0:
         raise AirdError("--candidates and --max-new-tokens must be at least 1, --refine at least 0.")
+    if cfg.tune_limit < 1 or cfg.check_limit < 0:
+        raise AirdError("--tune-limit must be at least 1 and --check-limit at least 0.")
+    if cfg.ridge is not None and not (cfg.ridge > 0 and math.isfinite(cfg.ridge)):
+        raise AirdError("--ridge must be a positive number.")
+    fitting = bool(getattr(repair, "fits", False))
+    check_scorer = scorer or plugins.get("scorer", cfg.scorer)
     ref = open_probe(reference)
     n_layers = lm.n_layers
     if ref.summary["n_layers"] != n_layers or ref.chosen.shape[-1] != lm.model.config.hidden_size:
@@ -249,7 +421,7 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
         if not 0 <= layer < n_layers:
             raise AirdError(f"--layer must be in [0, {n_layers - 1}], got {layer}.")
     if cfg.alpha == "auto":
-        alphas = list(GEN_ALPHA_GRID if cfg.judge == "generate" else ALPHA_GRID)
+        alphas = list(getattr(repair, "alpha_grid", None) or (GEN_ALPHA_GRID if cfg.judge == "generate" else ALPHA_GRID))
     else:
         try:
             alphas = [float(cfg.alpha)]
@@ -273,8 +445,16 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     if cfg.data_dir:
         pcfg.data_dir = cfg.data_dir
     sets = load_prompt_sets(pcfg)
-    harmful = format_prompts(lm, sets.harmful_val, pcfg.system_prompt)
-    harmless = format_prompts(lm, sets.harmless_val, pcfg.system_prompt)
+    tune_h, tune_b = _tuning_prompts(cfg, sets, pcfg.seed)
+    harmful = format_prompts(lm, tune_h, pcfg.system_prompt)
+    harmless = format_prompts(lm, tune_b, pcfg.system_prompt)
+    probe_sets = [pcfg.harmful_train, pcfg.harmful_val, pcfg.harmless_train, pcfg.harmless_val]
+    seen = list(dict.fromkeys(probe_sets + list(cfg.tune_on or [])))
+    from aird.core.sources import origins
+
+    tuned_origins = origins(seen, cfg.data_dir)
+    check = (_Check(list(cfg.check_on), cfg.check_limit, seen, tuned_origins, cfg.data_dir, pcfg.seed)
+             if cfg.check_on and cfg.check_limit > 0 else None)
     ranking = None
     if cfg.layer == "auto":
         with sw("ranking"), rep.stage("ranking the residual-writing matrices by selectivity", 1) as advance:
@@ -290,12 +470,28 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     for layer, mats in candidates:
         _targets(lm, layer, mats)   # an unsupported family fails before the search
 
-    if cfg.judge == "generate":
-        judge = _GenJudge(harmful, harmless, [p.instruction for p in sets.harmful_val + sets.harmless_val], scorer,
-                          cfg.max_new_tokens, cfg.batch_size)
-        with sw("original_rates"), rep.stage("the original model's refusal rates (generation)", 1) as advance:
-            original = _original_rates(ref, judge, lm.device)
+    judge = (_GenJudge(harmful, harmless, [p.instruction for p in tune_h + tune_b], scorer, cfg.max_new_tokens,
+                       cfg.batch_size) if cfg.judge == "generate" else None)
+    fits: dict[int, dict] = {}
+    judged: dict[str, list[bool]] = {}
+    original = None
+    if judge is not None or fitting or check is not None:
+        with sw("original"), rep.stage("the original model: refusal rates, fits and checks", 1) as advance, \
+                _original_model(ref, lm.device) as orig:
+            if judge is not None:
+                original = judge.rates(orig)
+            if fitting:
+                calib = format_prompts(lm, sets.harmful_train + sets.harmless_train, pcfg.system_prompt)
+                fits = _fit_candidates(lm, orig, calib, candidates, unit, cfg.ridge, cfg.batch_size)
+            if check is not None:
+                judged["original"] = check.refused(orig, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
+                                                   cfg.batch_size)
             advance(1)
+    if check is not None:
+        with sw("check"):
+            judged["compressed"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
+                                                 cfg.batch_size)
+    if judge is not None:
         with sw("validation"), rep.stage("the compressed model's refusal rates (generation)", 1) as advance:
             compressed = judge.rates(lm)
             advance(1)
@@ -314,16 +510,16 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     early = cfg.judge == "generate"
     refine = cfg.refine if early and len(alphas) > 1 else 0
     with sw("search"), rep.stage("searching layer, matrix and α", len(candidates) * (len(alphas) + refine)) as advance:
-        for layer, mats in candidates:
+        for c, (layer, mats) in enumerate(candidates):
             targets = _targets(lm, layer, mats)
 
-            def trial(alpha: float, layer=layer, mats=mats, targets=targets) -> dict:
-                saved = _apply(repair, targets, unit, alpha)
+            def trial(alpha: float, layer=layer, mats=mats, targets=targets, fit=fits.get(c)) -> dict:
+                saved = _apply(repair, targets, unit, alpha, fit)
                 try:
                     r = rates(layer)
                 finally:
                     _restore(targets, saved)
-                r.update(layer=layer, matrix="+".join(mats), alpha=alpha,
+                r.update(layer=layer, matrix="+".join(mats), alpha=alpha, candidate=c,
                          reaches_target=r["harmful_refusal_rate"] >= target,
                          within_guard=r["harmless_refusal_rate"] <= guard + 1e-9)
                 return r
@@ -336,7 +532,16 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
         rep.note("no α reached the original harmful refusal rate within the over-refusal guard; "
                  f"taking layer {best['layer']} {best['matrix']}, α {best['alpha']} (flagged: target_reached false)")
     best_mats = best["matrix"].split("+")
-    _apply(repair, _targets(lm, best["layer"], best_mats), unit, best["alpha"])
+    best_fit = fits.get(best["candidate"])
+    _apply(repair, _targets(lm, best["layer"], best_mats), unit, best["alpha"], best_fit)
+    check_summary, check_rows = None, []
+    if check is not None:
+        with sw("check"), rep.stage("the held-out check of the repaired model (generation)", 1) as advance:
+            judged["repaired"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
+                                               cfg.batch_size)
+            advance(1)
+        check_summary, check_rows = check.report(judged)
+        check_rows = [run.record(r.pop("record"), **r) for r in check_rows]
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
                                                                     "method": repair.name})
@@ -353,31 +558,56 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
         layer_sparsity={"before": lay_b["sparsity"], "after": lay_a["sparsity"], "matrices": edited},
         sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
         ranking=ranking[:10] if ranking else None,
+        fit={k: v for k, v in best_fit.items() if k not in ("u", "parts")} if best_fit else None,
+        tuned_on={"sets": seen, "tune_sets": list(cfg.tune_on) if cfg.tune_on else [pcfg.harmful_val, pcfg.harmless_val],
+                  "origins": sorted(tuned_origins)},
+        check=({"sets": check_summary, "scorer": check_scorer.name, "max_new_tokens": cfg.max_new_tokens,
+                "limit": cfg.check_limit} if check is not None else None),
         validation={"judge": cfg.judge, "original": original, "compressed": compressed,
                     "repaired": {k: best[k] for k in keys if k in best},
                     "target_harmful_refusal_rate": target, "harmless_guard": guard, "target_reached": ok,
                     "trials": trials, "n_harmful": len(harmful), "n_harmless": len(harmless)},
         seconds=round(time.perf_counter() - t0, 3), timings=dict(run.timings), out=str(out), path=str(out),
     )
-    write_jsonl(jsonl, [summary])
+    write_jsonl(jsonl, [summary, *check_rows])
     return summary
 
 
-def _original_rates(ref, judge: _GenJudge, device) -> dict:
-    """The original model's generated refusal rates on the validation prompts, from the model the reference
-    probe was made on (recomputed by each repair: the reference probe's folder is not repair's to write)."""
+@contextmanager
+def _original_model(ref, device) -> Iterator[LoadedModel]:
+    """The model the reference probe was made on, loaded for the length of the block and freed after it
+    (reloaded by each repair: the reference probe's folder is not repair's to write)."""
     from aird.core.loading import load_model
 
     path = ref.summary["config"].get("model_path")
     try:
         orig = load_model(path, device=str(device))
     except AirdError as exc:
-        raise AirdError(f"the generate judge needs the original model of the reference probe ({path}): {exc} "
-                        "Use --judge score to repair without it.") from None
+        raise AirdError(f"the repair needs the original model of the reference probe ({path}) for the generate "
+                        f"judge, a fitting method or the held-out check: {exc} Use --judge score with --check-on none "
+                        "and a method that does not fit to repair without it.") from None
     try:
-        return judge.rates(orig)
+        yield orig
     finally:
         del orig
         import gc
 
         gc.collect()
+
+
+def _tuning_prompts(cfg: RepairConfig, sets, seed: int):
+    """The harmful and harmless prompts α is searched on: the probe's validation splits, or ``tune_on``'s sets
+    (each stratified to ``tune_limit``), split by their role."""
+    if not cfg.tune_on:
+        return sets.harmful_val, sets.harmless_val
+    from aird.core.data import CATALOGUE, load_set, stratified
+
+    harmful, benign = [], []
+    for name in cfg.tune_on:
+        ds = CATALOGUE.get(name)
+        if ds is None or ds.kind != "prompts" or ds.role not in ("harmful", "benign"):
+            raise AirdError(f"--tune-on takes harmful or benign prompt sets (see `aird data`), not {name!r}.")
+        (harmful if ds.role == "harmful" else benign).extend(stratified(load_set(name, cfg.data_dir), cfg.tune_limit, seed))
+    if not harmful or not benign:
+        raise AirdError("--tune-on needs at least one harmful and one benign set.")
+    return harmful, benign

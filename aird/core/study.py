@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Callable
 
 from aird.core import plugins
-from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
-from aird.core.errors import AirdError, ArtifactError
+from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl, write_jsonl
+from aird.core.data import catalogue_status
+from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
+from aird.core.sources import SEEN_BY_PROBE
 
 STUDY_JSON = "study.json"
 STEPS_JSONL = "steps.jsonl"
+DATA_JSONL = "data.jsonl"
 
 _PRUNE = [
     {"name": "wanda-50", "method": "wanda", "params": {"sparsity": 0.5}},
@@ -55,8 +58,10 @@ PROFILES: dict[str, dict] = {
         "calibration": {"calib": "harmless", "calib_samples": 32, "calib_seq_len": 256},
         "probe": {"n_train": 64, "n_val": 24, "top_k": 1, "max_scored": 5},
         "repair": {"methods": ["aird"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
-                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 1, "max_new_tokens": 16},
-        "eval": {"harmful": ["advbench", "jailbreakbench"], "benign": ["jailbreakbench_benign", "alpaca"],
+                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 1, "max_new_tokens": 16,
+                   "check_on": []},   # the study's own evaluation is the held-out check (finding 4)
+        "eval": {"harmful": ["advbench", "jailbreakbench", "xstest_unsafe"],
+                 "benign": ["jailbreakbench_benign", "xstest_safe", "alpaca"],
                  "jailbreaks": [], "limit": 16, "task_limit": 20, "max_new_tokens": 32, "ppl_windows": 4,
                  "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
                            "rte"]},
@@ -68,8 +73,10 @@ PROFILES: dict[str, dict] = {
         "calibration": {"calib": "harmless", "calib_samples": 64, "calib_seq_len": 512},
         "probe": {"n_train": 128, "n_val": 32, "top_k": 3, "max_scored": 30},
         "repair": {"methods": ["aird", "aird-sparse"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
-                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 2, "max_new_tokens": 24},
-        "eval": {"harmful": ["advbench", "jailbreakbench"], "benign": ["jailbreakbench_benign", "alpaca"],
+                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 2, "max_new_tokens": 24,
+                   "check_on": []},
+        "eval": {"harmful": ["advbench", "jailbreakbench", "xstest_unsafe"],
+                 "benign": ["jailbreakbench_benign", "xstest_safe", "alpaca"],
                  "jailbreaks": ["jbb_gcg", "jbb_pair", "jbb_aim"], "limit": None, "task_limit": 500,
                  "max_new_tokens": 64, "ppl_windows": 40,
                  "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
@@ -77,6 +84,9 @@ PROFILES: dict[str, dict] = {
     },
 }
 REPAIR_WHEN = ("moved", "all", "never")
+# the [repair] keys passed on to RepairConfig as they are
+REPAIR_KEYS = ("guard", "judge", "candidates", "max_new_tokens", "tune_on", "tune_limit", "check_on", "check_limit",
+               "ridge")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -251,7 +261,10 @@ class _Study:
             done = _summary(e.eval_dir / EVAL_JSONL, "eval.summary")
             if done is not None:
                 return {**done, "resumed": True}
-            ec = EvalConfig(seed=self.cfg["seed"], data_dir=self.data_dir, device=self.device, **self.cfg["eval"])
+            ev = dict(self.cfg["eval"])
+            # what the probe and every repair of the study tuned on stays out of every model's evaluation
+            ev.setdefault("seen", list(dict.fromkeys([*SEEN_BY_PROBE, *(self.cfg["repair"].get("tune_on") or [])])))
+            ec = EvalConfig(seed=self.cfg["seed"], data_dir=self.data_dir, device=self.device, **ev)
             return run_eval(self.lm(e.model_path), ec, e.eval_dir, ("safety", "utility"), reporter=self.rep)
 
         e.eval = self.step(f"eval {e.name}", go)
@@ -294,7 +307,7 @@ class _Study:
             self.forget()   # the edit is applied to the loaded model
             cfg = RepairConfig(method=method, layer=rc.get("layer"), matrix=rc["matrix"], alpha=rc["alpha"],
                                compressed_probe=str(parent.folder / "probe"), data_dir=self.data_dir,
-                               device=self.device, **{k: rc[k] for k in ("guard", "judge", "candidates", "max_new_tokens") if k in rc})
+                               device=self.device, **{k: rc[k] for k in REPAIR_KEYS if k in rc})
             s = run_repair(self.lm(parent.model_path), original.folder / "probe", cfg, model_dir, reporter=self.rep)
             self.forget()
             return s
@@ -315,6 +328,19 @@ def n_steps(cfg: dict) -> int:
     g = len(cfg["grid"])
     reps = len(cfg["repair"]["methods"]) * g if cfg["repair"]["when"] != "never" else 0
     return 2 + 4 * g + 4 * reps
+
+
+def data_used(cfg: dict) -> list[str]:
+    """The data catalogue entries a study configuration reads: the probe's and the repair's reference splits,
+    the calibration set, every evaluation set, jailbreak and zero-shot task, and WikiText-2 (perplexity)."""
+    names = ["harmful_train", "harmful_val", "harmless_train", "harmless_val",
+             "harmless_test" if cfg["calibration"]["calib"] == "harmless" else "wikitext2"]
+    ev = cfg["eval"]
+    names += [*ev["harmful"], *ev["benign"], *ev["jailbreaks"]]
+    if "wild" in ev["jailbreaks"]:
+        names.append("jailbreakbench")   # the goals the templates are filled with
+    names += [*ev["tasks"], "wikitext2"]
+    return list(dict.fromkeys(names))
 
 
 def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | None = None,
@@ -349,6 +375,13 @@ def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | No
                 child.unlink()
     run = Run("study", cfg["model"], semantic, cfg["seed"])
     atomic_write_text(stored, json.dumps(run.record("study.config"), indent=1, default=str) + "\n")
+    used = set(data_used(cfg))
+    data = [{"record": "study.data", **r} for r in catalogue_status(data_dir) if r["name"] in used]
+    missing = [r["name"] for r in data if r["found"] == "missing"]
+    if missing:
+        raise DataNotFound(f"the study needs data set {missing[0]!r}, found neither in the data directory nor in "
+                           "the copy bundled with aird (see `aird data`).")
+    write_jsonl(out / DATA_JSONL, data)
     t0 = time.perf_counter()
     entries: list[Entry] = []
     with rep.stage("study", n_steps(cfg)) as advance:

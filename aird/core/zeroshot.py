@@ -1,7 +1,8 @@
 """Zero-shot accuracy through lm-evaluation-harness's own task machinery, on local files.
 
-aird writes lm-eval task configs that point at the JSONL files of the data directory (the llm-foundry
-preprocessed copies of ARC, PIQA, OpenBookQA, BoolQ, WinoGrande, HellaSwag, and SuperGLUE RTE), with the
+aird writes lm-eval task configs that point at the JSONL files of the data directory or of the copy bundled with
+aird (the llm-foundry preprocessed copies of ARC, PIQA, OpenBookQA, BoolQ, WinoGrande, HellaSwag, and SuperGLUE
+RTE; see ``aird.core.data.CATALOGUE``), with the
 prompts lm-eval's own tasks use, and passes the already-loaded model to lm-eval (HFLM). acc and acc_norm are
 therefore lm-eval's definitions, not aird's.
 """
@@ -12,15 +13,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from aird.core.env import default_data_dir
+from aird.core.data import find_file
 from aird.core.errors import AirdError
 from aird.core.loading import LoadedModel
 
 
 @dataclass(frozen=True)
 class ZeroShotTask:
-    name: str
-    file: str
+    name: str                       # also the task's entry in the data catalogue
     text: str
     choice: str
     target: str
@@ -29,15 +29,15 @@ class ZeroShotTask:
 
 QA = "{{query.strip()}}\nAnswer:"
 TASKS: dict[str, ZeroShotTask] = {t.name: t for t in (
-    ZeroShotTask("arc_easy", "arc_easy/arc_easy.jsonl", QA, "{{choices}}", "{{gold}}"),
-    ZeroShotTask("arc_challenge", "arc_challenge/arc_challenge.jsonl", QA, "{{choices}}", "{{gold}}"),
-    ZeroShotTask("hellaswag", "hellaswag/hellaswag_val.jsonl", "{{query}}", "{{endings}}", "{{label}}"),
-    ZeroShotTask("piqa", "piqa/piqa.jsonl", QA, "{{choices}}", "{{gold}}"),
-    ZeroShotTask("boolq", "boolq/boolq.jsonl", QA, "{{choices}}", "{{gold}}", ("acc",)),
-    ZeroShotTask("winogrande", "winogrande/winogrande.jsonl", "!function utils.wino_text", "!function utils.wino_choice",
+    ZeroShotTask("arc_easy", QA, "{{choices}}", "{{gold}}"),
+    ZeroShotTask("arc_challenge", QA, "{{choices}}", "{{gold}}"),
+    ZeroShotTask("hellaswag", "{{query}}", "{{endings}}", "{{label}}"),
+    ZeroShotTask("piqa", QA, "{{choices}}", "{{gold}}"),
+    ZeroShotTask("boolq", QA, "{{choices}}", "{{gold}}", ("acc",)),
+    ZeroShotTask("winogrande", "!function utils.wino_text", "!function utils.wino_choice",
                  "!function utils.wino_target", ("acc",)),
-    ZeroShotTask("openbookqa", "openbookqa/openbook_qa.jsonl", "{{query}}", "{{choices}}", "{{gold}}"),
-    ZeroShotTask("rte", "rte/val.jsonl", "{{premise}}\nQuestion: {{hypothesis}} True or False?\nAnswer:",
+    ZeroShotTask("openbookqa", "{{query}}", "{{choices}}", "{{gold}}"),
+    ZeroShotTask("rte", "{{premise}}\nQuestion: {{hypothesis}} True or False?\nAnswer:",
                  '["True", "False"]', "{{0 if label == 'entailment' else 1}}", ("acc",)),
 )}
 
@@ -64,7 +64,6 @@ def _yaml_value(v: str) -> str:
 
 def write_task_configs(folder: Path, tasks: list[str], data_dir: str | None) -> list[str]:
     """lm-eval task YAMLs (names prefixed aird_) pointing at the local files; returns the task names."""
-    root = Path(data_dir) if data_dir else default_data_dir()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "utils.py").write_text(UTILS)
     names = []
@@ -72,9 +71,7 @@ def write_task_configs(folder: Path, tasks: list[str], data_dir: str | None) -> 
         t = TASKS.get(name)
         if t is None:
             raise AirdError(f"unknown zero-shot task {name!r}; known: {', '.join(TASKS)}.")
-        path = root / t.file if root else None
-        if path is None or not path.is_file():
-            raise AirdError(f"zero-shot task {name}: data not found (looked at {path or 'no data directory'}).")
+        path = find_file(name, data_dir).path      # lm-eval's JSON loader reads .gz files as they are
         metrics = "\n".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in t.metrics)
         (folder / f"aird_{name}.yaml").write_text(
             f"task: aird_{name}\n"

@@ -10,6 +10,14 @@ The sparse variant reaches the same target — the same change of every column's
 update restricted to the non-zero entries of the pruned matrix: for column j with non-zero rows S_j, the
 least-norm solution of r̂_{S_j}ᵀ ΔW[S_j, j] = α r̂ᵀ W[:, j] is ΔW[S_j, j] = r̂_{S_j} · α r̂ᵀW[:, j] / ‖r̂_{S_j}‖².
 Every zero stays zero, so the compressed model keeps its sparsity exactly.
+
+The ridge variants (``aird-ridge``, ``aird-ridge-sparse``) do not amplify what the matrix already writes along
+r̂, which helps only where it already writes r̂. They fit the update: W' = W + α r̂ uᵀ, where u is the ridge
+regression (``aird.core.repair.fit_rank_one``) of the original model's residual projection on r̂ minus the
+compressed model's, after the edited block, on the matrix's inputs, over every token of harmful and harmless
+calibration prompts (the probe's training splits: AdvBench, MaliciousInstruct, TDC 2023 and Alpaca). α = 1 is
+the least-squares match; the search scales it. The sparse variant restricts r̂ uᵀ to the kept weights with the
+same change of each column's projection on r̂: ΔW[S_j, j] = r̂_{S_j} · α u_j / ‖r̂_{S_j}‖².
 """
 
 from __future__ import annotations
@@ -34,17 +42,42 @@ class SparseRankOne:
     description = "the same change of projection on r̂, restricted to the matrix's non-zeros (keeps sparsity)"
 
     def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float) -> torch.Tensor:
-        w = weight.double()
-        r = unit.double()
-        mask = (weight != 0).double()
-        rs = r[:, None] * mask                       # r̂ restricted to each column's non-zero rows
-        norms = (rs * rs).sum(0)                      # ‖r̂_{S_j}‖²
-        target = alpha * (r @ w)                      # the change of projection the dense edit makes
-        coef = torch.where(norms > 0, target / norms.clamp_min(1e-300), torch.zeros_like(norms))
-        return (w + rs * coef[None, :]).to(weight.dtype)
+        # the change of projection the dense edit makes, column by column
+        return _restricted(weight, unit, alpha * (unit.double() @ weight.double()))
+
+
+def _restricted(weight: torch.Tensor, unit: torch.Tensor, column_change: torch.Tensor) -> torch.Tensor:
+    """W + ΔW with ΔW on W's non-zeros only, changing column j's projection on r̂ by ``column_change[j]``."""
+    w = weight.double()
+    rs = unit.double()[:, None] * (weight != 0).double()
+    norms = (rs * rs).sum(0)
+    coef = torch.where(norms > 0, column_change.double() / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    return (w + rs * coef[None, :]).to(weight.dtype)
+
+
+class RidgeRankOne:
+    name = "aird-ridge"
+    description = "rank-one update r̂ uᵀ fitted by ridge regression to the original model's projections (dense)"
+    fits = True
+    alpha_grid = (0.5, 1.0, 2.0, 4.0)
+
+    def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
+        return (weight.double() + alpha * torch.outer(unit.double(), fit.double())).to(weight.dtype)
+
+
+class SparseRidgeRankOne:
+    name = "aird-ridge-sparse"
+    description = "the ridge-fitted change of projection on r̂, restricted to the matrix's non-zeros"
+    fits = True
+    alpha_grid = (0.5, 1.0, 2.0, 4.0)
+
+    def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
+        return _restricted(weight, unit, alpha * fit)
 
 
 @hookimpl
 def aird_register_repairs(register):
     register(RankOne())
     register(SparseRankOne())
+    register(RidgeRankOne())
+    register(SparseRidgeRankOne())
