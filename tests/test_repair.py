@@ -357,3 +357,17 @@ def test_repair_check_on_prompts_the_tuning_never_saw(study, tmp_path):
     with pytest.raises(AirdError, match="--check-on takes"):
         run_repair(lm, root / "probe-orig", RepairConfig(check_on=["hellaswag"], judge="score", data_dir=str(data)),
                    tmp_path / "bad")
+
+
+def test_tuning_sets_by_role_and_their_errors():
+    from aird.core.repair import _tuning_prompts
+
+    cfg = RepairConfig(tune_on=["jailbreakbench", "xstest_safe"], tune_limit=10)
+    harmful, benign = _tuning_prompts(cfg, None, 42)
+    assert len(harmful) == len(benign) == 10
+    assert len({p.category for p in harmful}) == 10       # stratified over JailbreakBench's ten categories
+    assert all(p.source == "xstest_safe" for p in benign)
+    with pytest.raises(AirdError, match="--tune-on takes harmful or benign prompt sets"):
+        _tuning_prompts(RepairConfig(tune_on=["wikitext2"]), None, 42)
+    with pytest.raises(AirdError, match="at least one harmful and one benign"):
+        _tuning_prompts(RepairConfig(tune_on=["advbench"]), None, 42)

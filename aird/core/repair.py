@@ -314,20 +314,18 @@ class _Check:
 
     def __init__(self, names: list[str], limit: int, seen: list[str], tuned_origins: set[str],
                  data_dir: str | None, seed: int):
-        from aird.core.data import CATALOGUE, load_set, stratified
+        from aird.core.data import load_set, stratified
         from aird.core.sources import exclude_seen, origin_of, seen_index
 
         index = seen_index(seen, data_dir)
         self.items: list[tuple[str, str, int, object, str]] = []
         self.excluded: dict[str, dict] = {}
         for name in names:
-            ds = CATALOGUE.get(name)
-            if ds is None or ds.kind != "prompts" or ds.role not in ("harmful", "benign"):
-                raise AirdError(f"--check-on takes harmful or benign prompt sets (see `aird data`), not {name!r}.")
+            role = _role_of(name, "--check-on")
             ex = exclude_seen(load_set(name, data_dir), index)
             self.excluded[name] = ex.counts()
             for i, p in enumerate(stratified(ex.kept, limit, seed)):
-                self.items.append((name, ds.role, i, p, origin_of(name, p, data_dir)))
+                self.items.append((name, role, i, p, origin_of(name, p, data_dir)))
         self.tuned_origins = tuned_origins
 
     def refused(self, lm: LoadedModel, scorer, system: str | None, max_new_tokens: int, batch_size: int) -> list[bool]:
@@ -595,19 +593,27 @@ def _original_model(ref, device) -> Iterator[LoadedModel]:
         gc.collect()
 
 
+def _role_of(name: str, option: str) -> str:
+    """harmful or benign: the role of a named prompt set, or one sentence saying the option takes only those."""
+    from aird.core.data import CATALOGUE
+
+    ds = CATALOGUE.get(name)
+    if ds is None or ds.kind != "prompts" or ds.role not in ("harmful", "benign"):
+        raise AirdError(f"{option} takes harmful or benign prompt sets (see `aird data`), not {name!r}.")
+    return ds.role
+
+
 def _tuning_prompts(cfg: RepairConfig, sets, seed: int):
     """The harmful and harmless prompts α is searched on: the probe's validation splits, or ``tune_on``'s sets
     (each stratified to ``tune_limit``), split by their role."""
     if not cfg.tune_on:
         return sets.harmful_val, sets.harmless_val
-    from aird.core.data import CATALOGUE, load_set, stratified
+    from aird.core.data import load_set, stratified
 
     harmful, benign = [], []
     for name in cfg.tune_on:
-        ds = CATALOGUE.get(name)
-        if ds is None or ds.kind != "prompts" or ds.role not in ("harmful", "benign"):
-            raise AirdError(f"--tune-on takes harmful or benign prompt sets (see `aird data`), not {name!r}.")
-        (harmful if ds.role == "harmful" else benign).extend(stratified(load_set(name, cfg.data_dir), cfg.tune_limit, seed))
+        role = _role_of(name, "--tune-on")
+        (harmful if role == "harmful" else benign).extend(stratified(load_set(name, cfg.data_dir), cfg.tune_limit, seed))
     if not harmful or not benign:
         raise AirdError("--tune-on needs at least one harmful and one benign set.")
     return harmful, benign
