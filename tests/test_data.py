@@ -70,6 +70,9 @@ def test_no_data_dir_means_the_bundled_copy(monkeypatch, tmp_path):
     assert data.locate(CATALOGUE["advbench"].relpath).origin == "package"
     monkeypatch.setenv("AIRD_DATA_DIR", str(tmp_path))
     assert data.resolve_data_dir(None) == tmp_path
+    monkeypatch.setenv("AIRD_DATA_DIR", str(tmp_path / "typo"))     # a mistyped folder is said, not ignored
+    with pytest.raises(DataNotFound, match="data directory .*typo does not exist"):
+        load_set("advbench")
 
 
 def test_prompt_files_csv_json_jsonl(tmp_path):

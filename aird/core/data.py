@@ -239,8 +239,12 @@ class Located:
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
-    """The data directory asked for (``--data-dir``, else ``AIRD_DATA_DIR``), or None."""
-    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+    """The data directory asked for (``--data-dir``, else ``AIRD_DATA_DIR``), or None. One that does not exist is
+    an error, not a silent fall-back to the bundled copy (a mistyped path would go unnoticed)."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if root is not None and not root.is_dir():
+        raise DataNotFound(f"data directory {root} does not exist (--data-dir or AIRD_DATA_DIR).")
+    return root
 
 
 def locate(relpath: str, data_dir: str | Path | None = None) -> Located | None:
