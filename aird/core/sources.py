@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
 
-from aird.core.data import CATALOGUE, JBB_SOURCE, Prompt, load_set  # noqa: F401 (JBB_SOURCE re-exported)
+from aird.core.data import CATALOGUE, Prompt, load_set
 
 # What a probe reads with its default configuration (and what repair ranks and tunes on by default).
 SEEN_BY_PROBE = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
