@@ -1,36 +1,90 @@
-"""Benchmark: greedy generation tokens/s, batched (aird's length-sorted, left-padded batches with the KV cache)
-against one prompt at a time, on the same prompts.
+"""Benchmark: greedy generation by engine, side by side on the same prompts, and how far the engines agree.
 
-    python bench/bench_generate.py [--model default] [--n 32] [--max-new-tokens 64] [--batch-size 16] [--record FILE]
+    python bench/bench_generate.py [--model default] [--n 0] [--max-new-tokens 32] [--engines hf vllm vllm:bfloat16]
+                                   [--record FILE]
+    python bench/bench_generate.py --one-at-a-time [--n 32] [--max-new-tokens 64]   # batching vs one prompt at a time
+
+Each engine runs in its own process (so its start-up and peak RAM are its own): the default model, AdvBench's
+prompts (``--n 0``: all 520) with the model's chat template, greedy. Reported per engine: start-up s (loading,
+for vLLM also compiling and warm-up), generation s, generated tokens/s, the useful FLOP rate ((prompt + generated
+tokens) × 2 · parameters ÷ generation s) against the fp32 matmul peak measured in the same run, peak RSS; and
+against the first engine: the substring judge's verdict agreement, the share of answers whose first 16 tokens
+are identical, and the largest refusal-score difference (each engine's score as ``aird eval`` records it).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench_probe import machine, record_row
+from bench_suite import matmul_peak
 
 from aird.core.data import load_set, sample
 from aird.core.env import set_threads
-from aird.core.generate import generate
-from aird.core.loading import load_model
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--record", type=Path)
-    args = ap.parse_args()
+def _prompts(n: int):
+    rows = load_set("advbench")
+    return rows if n in (0, None) or n >= len(rows) else sample(rows, n, 0)
+
+
+def worker(args) -> None:
+    """One engine in this process: answer, judge, score; write the results as JSON to ``args.out``."""
+    from aird.core import engines, plugins
+    from aird.core.loading import load_model
+
+    name, _, dtype = args.worker.partition(":")
+    set_threads()
+    t0 = time.perf_counter()
+    lm = load_model(args.model, dtype=(dtype or None) if name == "hf" else None)
+    prompts = [p.instruction for p in _prompts(args.n)]
+    texts = [lm.adapter.format(lm.tokenizer, p) for p in prompts]
+    options = {"batch_size": args.batch_size, **({"dtype": dtype} if dtype else {})}
+    tok = lm.tokenizer
+    with engines.session(name, lm, options) as sess:
+        if name == "hf":
+            sess.generate(texts[:2], 4)          # warm-up, as vLLM's start-up includes its own
+        startup = time.perf_counter() - t0
+        t = time.perf_counter()
+        gens = sess.generate(texts, args.max_new_tokens)
+        gen_s = time.perf_counter() - t
+    t = time.perf_counter()
+    if all(g.first_logits is not None for g in gens):     # hf: the score from its first-step logits
+        import torch
+
+        from aird.core.directions import refusal_scores
+
+        scores = refusal_scores(torch.stack([g.first_logits for g in gens]), lm.adapter.refusal_token_ids(tok))
+    else:                                                 # vLLM keeps none: one prefill of the hf model
+        scores = engines.prompt_refusal_scores(lm, texts, args.batch_size)
+    score_s = time.perf_counter() - t
+    refused = plugins.get("scorer", "substring").refused(prompts, [g.text for g in gens])
+    prompt_tokens = sum(len(tok(x, add_special_tokens=False).input_ids) for x in texts)
+    Path(args.out).write_text(json.dumps({
+        "engine": args.worker, "startup_s": startup, "generate_s": gen_s, "prefill_score_s": score_s,
+        "new_tokens": sum(g.n_new_tokens for g in gens), "prompt_tokens": prompt_tokens,
+        "n_params": lm.info["n_params"], "texts": [g.text for g in gens],
+        "ids16": [tok(g.text, add_special_tokens=False).input_ids[:16] for g in gens],
+        "refused": refused, "scores": scores.tolist(),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }))
+
+
+def one_at_a_time(args) -> None:
+    from aird.core.generate import generate
+    from aird.core.loading import load_model
+
     set_threads()
     lm = load_model(args.model)
-    prompts = sample(load_set("advbench"), args.n, 0)
-    texts = [lm.adapter.format(lm.tokenizer, p.instruction) for p in prompts]
+    texts = [lm.adapter.format(lm.tokenizer, p.instruction) for p in _prompts(args.n)]
     generate(lm, texts[:2], 4, 2)  # warm-up
     res = {}
     for label, bs in (("batched", args.batch_size), ("one at a time", 1)):
@@ -38,11 +92,51 @@ def main() -> None:
         gens = generate(lm, texts, args.max_new_tokens, bs)
         sec = time.perf_counter() - t
         res[label] = (sum(g.n_new_tokens for g in gens) / sec, sec)
-    row = (f"| {dt.date.today()} | `python bench/bench_generate.py --model {args.model} --n {args.n} "
-           f"--max-new-tokens {args.max_new_tokens} --batch-size {args.batch_size}` | "
-           f"{res['batched'][0]:.1f} | {res['one at a time'][0]:.1f} | {res['batched'][0] / res['one at a time'][0]:.2f}× | "
-           f"{machine()} |")
-    record_row(row, args.record)
+    record_row(f"| {dt.date.today()} | `python bench/bench_generate.py --one-at-a-time --model {args.model} --n {args.n} "
+               f"--max-new-tokens {args.max_new_tokens} --batch-size {args.batch_size}` | "
+               f"{res['batched'][0]:.1f} | {res['one at a time'][0]:.1f} | "
+               f"{res['batched'][0] / res['one at a time'][0]:.2f}× | {machine()} |", args.record)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--n", type=int, default=0, help="AdvBench prompts (0: all 520)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"], help="ENGINE or ENGINE:DTYPE, first = baseline")
+    ap.add_argument("--one-at-a-time", action="store_true", help="hf batched against one prompt at a time")
+    ap.add_argument("--record", type=Path)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.one_at_a_time:
+        return one_at_a_time(args)
+    peak = matmul_peak(set_threads())
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for e in args.engines:
+            out = Path(tmp) / "r.json"
+            cmd = [sys.executable, __file__, "--worker", e, "--out", str(out), "--model", args.model, "--n",
+                   str(args.n), "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
+            subprocess.run(cmd, check=True)
+            results.append(json.loads(out.read_text()))
+    base = results[0]
+    cmd = (f"`python bench/bench_generate.py --model {args.model} --n {args.n} --max-new-tokens "
+           f"{args.max_new_tokens} --engines {' '.join(args.engines)}`")
+    for r in results:
+        n = len(r["texts"])
+        flops = (r["prompt_tokens"] + r["new_tokens"]) * 2 * r["n_params"]
+        agree = sum(a == b for a, b in zip(r["refused"], base["refused"])) / n
+        same16 = sum(a == b for a, b in zip(r["ids16"], base["ids16"])) / n
+        dscore = max(abs(a - b) for a, b in zip(r["scores"], base["scores"]))
+        record_row(f"| {dt.date.today()} | {cmd} | {r['engine']} | {n} | {r['startup_s']:.0f} | {r['generate_s']:.1f} | "
+                   f"{r['new_tokens'] / r['generate_s']:.1f} | {r['new_tokens'] / r['generate_s'] / (base['new_tokens'] / base['generate_s']):.2f}× | "
+                   f"{flops / r['generate_s'] / 1e9:.0f} ({flops / r['generate_s'] / 1e9 / peak:.0%} of {peak:.0f}) | "
+                   f"{r['peak_rss_gb']:.1f} | {sum(r['refused'])}/{n} | {agree:.1%} | {same16:.1%} | {dscore:.4f} | "
+                   f"{r['prefill_score_s']:.1f} | {machine()} |", args.record)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 torch.set_num_threads(2)
+# tiny models are not worth vLLM's minute of start-up: tests (and the CLI subprocesses they start) generate with hf
+# unless a test names its engine
+os.environ["AIRD_ENGINE"] = "hf"
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 They run in CI; `pytest -m "not slow"` leaves them out for a quick loop."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -135,3 +136,41 @@ def test_default_zero_shot_equals_lm_eval_run_directly(tmp_path):
                            model_for_lm_eval=resolve_model_path("default"))
     assert ours == direct
     assert all(ours[t]["n"] == 12 and 0 <= ours[t]["acc"] <= 1 for t in tasks)
+
+
+_AGREEMENT = r"""
+import importlib.util
+import json
+from aird.core import engines, plugins
+from aird.core.data import load_set, sample
+from aird.core.loading import load_model
+
+lm = load_model("default", device="cpu")
+prompts = [p.instruction for p in sample(load_set("advbench"), 32, 0)]
+texts = [lm.adapter.format(lm.tokenizer, p) for p in prompts]
+res = {}
+for name in ("hf", "vllm"):
+    with engines.session(name, lm, {"batch_size": 16, "dtype": "float32"}) as s:
+        gens, scores = engines.answer(s, lm, texts, 16, 16)
+    res[name] = {"scores": scores.tolist(), "first_logits": gens[0].first_logits is not None,
+                 "ids": [lm.tokenizer(g.text, add_special_tokens=False).input_ids[:16] for g in gens],
+                 "refused": plugins.get("scorer", "substring").refused(prompts, [g.text for g in gens])}
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (AIRD_SKIP_VLLM=1, or not x86-64 Linux: scripts/setup.sh)")
+def test_vllm_and_hf_give_the_same_answers_on_the_default_model():
+    """Greedy fp32 on the same folder, 32 AdvBench prompts (the issue's bar, measured on all 520 in
+    docs/benchmarks.md): the substring verdict agrees on >= 97%, the first 16 tokens are identical on >= 90%,
+    refusal scores differ by < 0.05. In a subprocess: vLLM binds the process's threads to the cores."""
+    res = subprocess.run([sys.executable, "-c", _AGREEMENT], capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    hf, vl = r["hf"], r["vllm"]
+    assert hf["first_logits"] and not vl["first_logits"]        # vLLM's scores come from the hf prefill
+    assert 4 <= sum(hf["refused"]) <= 28                           # both kinds of answer are in the sample
+    assert sum(a == b for a, b in zip(hf["refused"], vl["refused"])) >= 31
+    assert sum(a == b for a, b in zip(hf["ids"], vl["ids"])) >= 29
+    assert max(abs(a - b) for a, b in zip(hf["scores"], vl["scores"])) < 0.05

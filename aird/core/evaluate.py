@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aird.core import plugins
 from aird.core.artifacts import Run, append_jsonl, check_resumable, read_jsonl, write_jsonl
 from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample, stratified, wikitext_text
-from aird.core.directions import refusal_scores
+from aird.core.engines import answer, default_engine, session
+from aird.core.generate import BatchedSession
 from aird.core.errors import AirdError
 from aird.core.sources import SEEN_BY_PROBE, exclude_seen, origin_of, seen_index
-from aird.core.generate import generate
 from aird.core.loading import LoadedModel
 from aird.core.plots import plot_asr
 from aird.core.progress import Reporter
@@ -29,7 +29,9 @@ COMPARISON_JSONL = "comparison.jsonl"
 ASR_PLOT = "asr_by_category.png"
 HARMFUL_SETS = ("advbench", "jailbreakbench")
 BENIGN_SETS = ("jailbreakbench_benign", "alpaca")
-NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads")
+# what may change between a run and its resumption: how answers are computed, not what is asked (every prompt
+# record names the engine that answered it)
+NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads", "engine", "engine_options")
 
 
 @dataclass
@@ -58,6 +60,8 @@ class EvalConfig:
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None
+    engine: str = field(default_factory=default_engine)   # generation engine plugin: auto | hf | vllm | a plugin's
+    engine_options: dict = field(default_factory=dict)   # passed to the engine (vLLM: tensor_parallel_size, ...)
 
     @property
     def tasks_limit(self) -> int | None:
@@ -105,14 +109,12 @@ def _sets(cfg: EvalConfig) -> tuple[list[tuple[str, str, list[Prompt]]], dict[st
 
 
 def answer_and_judge(lm: LoadedModel, texts: list[str], prompts: list[str], scorer, max_new_tokens: int,
-                     batch_size: int, progress=None):
-    """Greedy answers of chat-formatted ``texts``, whether the scorer judges each a refusal (given the raw
-    ``prompts``), and each answer's first-token refusal score. Shared by eval and repair's generate judge."""
-    import torch
-
-    gens = generate(lm, texts, max_new_tokens, batch_size, progress=progress)
+                     batch_size: int, progress=None, sess=None):
+    """Greedy answers of chat-formatted ``texts`` (from the engine session ``sess``; default: ``hf`` on ``lm``),
+    whether the scorer judges each a refusal (given the raw ``prompts``), and each answer's first-token refusal
+    score. Shared by eval and repair's generate judge."""
+    gens, scores = answer(sess or BatchedSession(lm, batch_size), lm, texts, max_new_tokens, batch_size, progress)
     refused = scorer.refused(prompts, [g.text for g in gens])
-    scores = refusal_scores(torch.stack([g.first_logits for g in gens]), lm.adapter.refusal_token_ids(lm.tokenizer))
     return gens, refused, scores
 
 
@@ -223,21 +225,30 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     todo = [(name, role, i, p) for name, role, prompts in sets for i, p in enumerate(prompts)
             if (name, i) not in done_keys]
     n_tokens, t0 = 0, time.perf_counter()
-    with rep.stage("generating and judging", len(todo)) as advance:
-        step = max(cfg.batch_size * 4, 1)    # stream to disk every few batches
-        for s in range(0, len(todo), step):
-            chunk = todo[s : s + step]
-            texts = [lm.adapter.format(lm.tokenizer, p.instruction, cfg.system_prompt) for *_, p in chunk]
-            gens, refused, scores = answer_and_judge(lm, texts, [p.instruction for *_, p in chunk], scorer,
-                                                     cfg.max_new_tokens, cfg.batch_size, progress=advance)
-            scores = scores.tolist()
-            new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
-                              origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction, completion=g.text,
-                              refused=bool(rf), refusal_score=sc, new_tokens=g.n_new_tokens)
-                   for (name, role, i, p), g, rf, sc in zip(chunk, gens, refused, scores)]
-            n_tokens += sum(g.n_new_tokens for g in gens)
-            append_jsonl(jsonl, new)
-            records.extend(new)
+    engine_info: dict = {}
+    if todo:
+        with session(cfg.engine, lm, {"batch_size": cfg.batch_size, "seed": cfg.seed, **cfg.engine_options},
+                     say=rep.note) as sess:
+            engine_info = dict(sess.info)
+            t_gen = time.perf_counter()
+            with rep.stage(f"generating ({sess.info['engine']}) and judging", len(todo)) as advance:
+                step = max(getattr(sess, "chunk", 64), 1)    # stream to disk after every call
+                for s in range(0, len(todo), step):
+                    chunk = todo[s : s + step]
+                    texts = [lm.adapter.format(lm.tokenizer, p.instruction, cfg.system_prompt) for *_, p in chunk]
+                    gens, refused, scores = answer_and_judge(lm, texts, [p.instruction for *_, p in chunk], scorer,
+                                                             cfg.max_new_tokens, cfg.batch_size, progress=advance,
+                                                             sess=sess)
+                    scores = scores.tolist()
+                    new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
+                                      origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction,
+                                      completion=g.text, refused=bool(rf), refusal_score=sc,
+                                      new_tokens=g.n_new_tokens, engine=sess.info["engine"])
+                           for (name, role, i, p), g, rf, sc in zip(chunk, gens, refused, scores)]
+                    n_tokens += sum(g.n_new_tokens for g in gens)
+                    append_jsonl(jsonl, new)
+                    records.extend(new)
+            engine_info["generate_s"] = round(time.perf_counter() - t_gen, 3)
     timings["safety"] = round(time.perf_counter() - t0, 3)
     perplexity = None
     zero_shot: dict[str, dict] = {}
@@ -276,7 +287,10 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
         limits={"per_set": cfg.limit, "per_task": cfg.tasks_limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
                 "ppl_windows": cfg.ppl_windows, "ppl_ctx_len": cfg.ppl_ctx_len},
         scorer=scorer.name, seconds=round(sum(timings.values()), 3), timings=timings,
-        generated_tokens_per_s=round(n_tokens / timings["safety"], 2) if n_tokens and timings["safety"] else None,
+        generated_tokens_per_s=(round(n_tokens / engine_info["generate_s"], 2)
+                                if n_tokens and engine_info.get("generate_s") else None),
+        engine=engine_info or None,
+        engines=dict(sorted(Counter(r.get("engine", "hf") for r in prompts).items())),
         out=str(out), path=str(out),
     )
     if plot_asr(out / ASR_PLOT, {lm.spec: summary}):

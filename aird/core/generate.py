@@ -13,7 +13,7 @@ from aird.core.loading import LoadedModel
 @dataclass
 class Generation:
     text: str
-    first_logits: torch.Tensor   # [V], logits of the first generated position
+    first_logits: torch.Tensor | None   # [V], logits of the first generated position (None: engine keeps none)
     n_new_tokens: int
 
 
@@ -40,3 +40,20 @@ def generate(lm: LoadedModel, texts: list[str], max_new_tokens: int = 64, batch_
             if progress:
                 progress(len(b.idx))
     return out  # type: ignore[return-value]
+
+
+class BatchedSession:
+    """The ``hf`` engine's session: ``generate`` above on the loaded model (what aird used before engines)."""
+
+    chunk = 64
+
+    def __init__(self, lm: LoadedModel, batch_size: int = 16):
+        self.lm = lm
+        self.batch_size = batch_size
+        self.info = {"engine": "hf", "dtype": lm.info.get("dtype"), "device": str(lm.device), "startup_s": 0.0}
+
+    def generate(self, texts: list[str], max_new_tokens: int, progress=None) -> list[Generation]:
+        return generate(self.lm, texts, max_new_tokens, self.batch_size, progress=progress)
+
+    def close(self) -> None:
+        pass

@@ -1,4 +1,5 @@
-"""pluggy hook specifications: the plugin kinds a package can add to aird (compressor, probe, scorer, repair).
+"""pluggy hook specifications: the plugin kinds a package can add to aird (compressor, probe, scorer, repair,
+engine).
 
 A plugin is a module (or object) listed under the ``aird`` entry-point group that implements one or more of
 these hooks; aird's own compressors, probes and scorers are registered exactly the same way.
@@ -70,6 +71,34 @@ class Repair(Protocol):
     def edit(self, weight: Any, unit: Any, alpha: float) -> Any: ...
 
 
+@runtime_checkable
+class EngineSession(Protocol):
+    """One model opened by an engine: greedy answers to chat-formatted texts, in the caller's order."""
+
+    def generate(self, texts: list[str], max_new_tokens: int, progress: Any = None) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Generates greedy answers for ``eval`` and repair's generate judge (built in: ``hf``, ``vllm``).
+
+    ``unavailable(lm)`` says in one sentence why the engine cannot run this loaded model here (a package not
+    installed, a format it cannot read), or returns None; ``open(lm, options)`` returns an EngineSession whose
+    ``generate`` returns ``aird.core.generate.Generation`` objects (``first_logits`` may be None: aird then
+    takes the refusal score from one prefill of the loaded model, so the score is the same whichever engine
+    answered). ``auto_rank`` orders the engines ``--engine auto`` tries (lowest first)."""
+
+    name: str
+    description: str
+    auto_rank: int
+
+    def unavailable(self, lm: Any) -> str | None: ...
+
+    def open(self, lm: Any, options: dict) -> EngineSession: ...
+
+
 class Specs:
     @hookspec
     def aird_register_compressors(self, register: Callable[[Compressor], None]) -> None:
@@ -82,6 +111,10 @@ class Specs:
     @hookspec
     def aird_register_repairs(self, register: Callable[[Repair], None]) -> None:
         """Register repair plugins by calling ``register(obj)`` for each."""
+
+    @hookspec
+    def aird_register_engines(self, register: Callable[[Engine], None]) -> None:
+        """Register generation-engine plugins by calling ``register(obj)`` for each."""
 
     @hookspec
     def aird_register_scorers(self, register: Callable[[Scorer], None]) -> None:

@@ -14,10 +14,11 @@ from typing import Any, Iterable
 import pluggy
 
 from aird.core.errors import PluginError
-from aird.core.hookspecs import PROJECT, Compressor, Probe, Repair, Scorer, Specs
+from aird.core.hookspecs import PROJECT, Compressor, Engine, Probe, Repair, Scorer, Specs
 
 ENTRY_POINT_GROUP = "aird"
-KINDS: dict[str, type] = {"compressor": Compressor, "probe": Probe, "scorer": Scorer, "repair": Repair}
+KINDS: dict[str, type] = {"compressor": Compressor, "probe": Probe, "scorer": Scorer, "repair": Repair,
+                          "engine": Engine}
 
 
 @dataclass(frozen=True)

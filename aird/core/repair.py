@@ -475,7 +475,7 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
     original = None
     if judge is not None or fitting or check is not None:
         with sw("original"), rep.stage("the original model: refusal rates, fits and checks", 1) as advance, \
-                _original_model(ref, lm.device) as orig:
+                _original_model(ref, lm.device, lm.info.get("dtype")) as orig:
             if judge is not None:
                 original = judge.rates(orig)
             if fitting:
@@ -572,14 +572,14 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
 
 
 @contextmanager
-def _original_model(ref, device) -> Iterator[LoadedModel]:
+def _original_model(ref, device, dtype: str | None = None) -> Iterator[LoadedModel]:
     """The model the reference probe was made on, loaded for the length of the block and freed after it
     (reloaded by each repair: the reference probe's folder is not repair's to write)."""
     from aird.core.loading import load_model
 
     path = ref.summary["config"].get("model_path")
     try:
-        orig = load_model(path, device=str(device))
+        orig = load_model(path, device=str(device), dtype=dtype)   # as the repaired model: same numerics
     except AirdError as exc:
         raise AirdError(f"the repair needs the original model of the reference probe ({path}) for the generate "
                         f"judge, a fitting method or the held-out check: {exc} Use --judge score with --check-on none "

@@ -133,6 +133,8 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
         raise AirdError("the names of the study's grid entries must be distinct.")
     for m in cfg["repair"]["methods"]:
         plugins.get("repair", m)
+    if cfg["eval"].get("engine", "auto") != "auto":
+        plugins.get("engine", cfg["eval"]["engine"])
     if cfg["repair"]["when"] not in REPAIR_WHEN:
         raise AirdError(f"repair.when must be one of {', '.join(REPAIR_WHEN)}.")
     return cfg
