@@ -72,8 +72,9 @@ def test_default_direction_mediates_refusal(default_probe):
     assert torch.isfinite(direction).all()
 
 
+# magnitude's unstructured 50% is left to the tiny-model tests: Wanda takes the same unstructured path here, and
+# magnitude 2:4 the same pruning code (the CI budget pays for the vLLM agreement check below instead)
 @pytest.mark.parametrize("method,options,check", [
-    ("magnitude", ["--sparsity", "0.5"], "sparsity"),
     ("wanda", ["--sparsity", "0.5", "--calib-samples", "16"], "sparsity"),
     ("magnitude", ["--pattern", "2:4"], "nm"),
     ("rtn", ["--bits", "4", "--group-size", "128"], "bits"),
@@ -130,12 +131,12 @@ def test_default_zero_shot_equals_lm_eval_run_directly(tmp_path):
     from aird.core.zeroshot import run_zero_shot
 
     lm = load_model("default", device="cpu")
-    tasks = ["arc_easy", "piqa", "rte"]
-    ours = run_zero_shot(lm, tasks, tmp_path / "ours", None, limit=12)
-    direct = run_zero_shot(lm, tasks, tmp_path / "direct", None, limit=12,
+    tasks = ["arc_easy", "rte"]     # a multiple-choice and a yes/no task; all eight run on the tiny model
+    ours = run_zero_shot(lm, tasks, tmp_path / "ours", None, limit=10)
+    direct = run_zero_shot(lm, tasks, tmp_path / "direct", None, limit=10,
                            model_for_lm_eval=resolve_model_path("default"))
     assert ours == direct
-    assert all(ours[t]["n"] == 12 and 0 <= ours[t]["acc"] <= 1 for t in tasks)
+    assert all(ours[t]["n"] == 10 and 0 <= ours[t]["acc"] <= 1 for t in tasks)
 
 
 _AGREEMENT = r"""
@@ -150,7 +151,8 @@ prompts = [p.instruction for p in sample(load_set("advbench"), 32, 0)]
 texts = [lm.adapter.format(lm.tokenizer, p) for p in prompts]
 res = {}
 for name in ("hf", "vllm"):
-    with engines.session(name, lm, {"batch_size": 16, "dtype": "float32"}) as s:
+    # eager: vLLM's compile takes minutes of start-up, more than 32 answers are worth (the bench runs compiled)
+    with engines.session(name, lm, {"batch_size": 16, "dtype": "float32", "enforce_eager": True}) as s:
         gens, scores = engines.answer(s, lm, texts, 16, 16)
     res[name] = {"scores": scores.tolist(), "first_logits": gens[0].first_logits is not None,
                  "ids": [lm.tokenizer(g.text, add_special_tokens=False).input_ids[:16] for g in gens],
@@ -160,7 +162,7 @@ print(json.dumps(res))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="vLLM is not installed (AIRD_SKIP_VLLM=1, or not x86-64 Linux: scripts/setup.sh)")
+                    reason="vLLM is not installed (AIRD_WITH_VLLM=1 scripts/setup.sh installs it on x86-64 Linux)")
 def test_vllm_and_hf_give_the_same_answers_on_the_default_model():
     """Greedy fp32 on the same folder, 32 AdvBench prompts (the issue's bar, measured on all 520 in
     docs/benchmarks.md): the substring verdict agrees on >= 97%, the first 16 tokens are identical on >= 90%,

@@ -80,6 +80,12 @@ def test_auto_prefers_the_best_engine_that_can_run_the_model_and_says_why_it_pas
         engines.choose("nope", refusing_lm)
     down.why = None
     assert engines.choose("auto", refusing_lm).engine is down and engines.choose("auto", refusing_lm).note is None
+    # a job smaller than an engine's start-up is worth goes to the next one, and the note says so
+    down.min_prompts = 100
+    small = engines.choose("auto", refusing_lm, n_prompts=20)
+    assert small.engine.name == "hf" and "20 prompts are fewer than its start-up is worth (100)" in small.note
+    assert engines.choose("auto", refusing_lm, n_prompts=100).engine is down
+    assert engines.choose("canned", refusing_lm, n_prompts=20).engine is down     # named: the user's choice
 
 
 def test_eval_through_a_third_party_engine_records_it_and_keeps_the_score_exact(refusing, tmp_path, monkeypatch):

