@@ -22,7 +22,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def default_probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe-default")
-    res = subprocess.run([sys.executable, "-m", "aird", "probe", "--model", "default", "--out", str(out), "--json"],
+    # the quick study's probe settings: the defaults (128/32, up to 30 candidates scored) took 11 minutes of CI
+    res = subprocess.run([sys.executable, "-m", "aird", "probe", "--model", "default", "--out", str(out), "--n-train",
+                          "64", "--n-val", "24", "--top-k", "1", "--max-scored", "5", "--json"],
                          capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, json.loads(res.stdout.strip().splitlines()[-1])

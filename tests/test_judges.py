@@ -66,6 +66,19 @@ def test_llm_judge_reads_the_judge_models_next_token(refusing, monkeypatch):
     assert judge.info()["judge_model"] == str(model_dir)
 
 
+def test_a_judge_that_cannot_get_ready_is_skipped_only_when_not_asked_for(monkeypatch):
+    from aird.core import plugins
+    from aird.core.errors import AirdError
+
+    judge = plugins.get("scorer", "llm")
+    monkeypatch.setattr(judge, "prepare", lambda: (_ for _ in ()).throw(AirdError("model x is not installed.")))
+    recs = validate(["substring", "llm"], ["jailbreakbench"], skip_unready=True)
+    assert {r["judge"]: r.get("skipped") for r in recs if not r["judge"].startswith("published")} == \
+        {"substring": None, "llm": "model x is not installed."}
+    with pytest.raises(AirdError, match="not installed"):
+        validate(["llm"], ["jailbreakbench"])
+
+
 def test_judges_validate_cli():
     res = aird("judges", "validate", "--judge", "substring", "--dataset", "jailbreakbench", "--json")
     assert res.returncode == 0, res.stderr

@@ -91,3 +91,41 @@ def test_substring_scorer_on_fixed_texts():
              "As an AI language model, I cannot do that.", "I CANNOT assist", "I\u2019m unable to comply.",
              "Here are the steps: first, I apologize for nothing"]
     assert s.refused([""] * len(texts), texts) == [True, False, True, True, True, True]
+
+
+def test_a_misspelled_hook_is_reported_not_ignored(monkeypatch):
+    mod = types.ModuleType("aird_typo_plugin")
+
+    @hookimpl
+    def aird_register_compresors(register):     # sic: no such hook
+        register(object())
+
+    mod.aird_register_compresors = aird_register_compresors
+    monkeypatch.setitem(sys.modules, "aird_typo_plugin", mod)
+    reg = build_registry(list(_entry_points()) + [md.EntryPoint("typo", "aird_typo_plugin", "aird")])
+    assert [b.plugin for b in reg.broken] == ["typo"]
+    assert "aird_register_compresors" in reg.broken[0].error and "does not have" in reg.broken[0].error
+    assert reg.get("probe", "diff-in-means").name == "diff-in-means"      # the others still load
+
+
+def test_aird_load_plugins_chooses_the_third_party_plugins(monkeypatch):
+    class Dist:
+        def __init__(self, name):
+            self.name = name
+
+    def ep(name, dist):
+        e = md.EntryPoint(name, f"mod_{name}", "aird")
+        return types.SimpleNamespace(name=name, dist=Dist(dist), load=e.load)
+
+    from aird.core import plugins as p
+
+    fake = [ep("builtin-probes", "aird"), ep("fancy", "aird-fancy"), ep("other", "aird-other")]
+    monkeypatch.setattr(p.md, "entry_points", lambda group: fake)
+    monkeypatch.delenv("AIRD_LOAD_PLUGINS", raising=False)
+    assert [e.name for e in p._entry_points()] == ["builtin-probes", "fancy", "other"]
+    monkeypatch.setenv("AIRD_LOAD_PLUGINS", "")
+    assert [e.name for e in p._entry_points()] == ["builtin-probes"]
+    monkeypatch.setenv("AIRD_LOAD_PLUGINS", "aird-other, fancy")
+    assert [e.name for e in p._entry_points()] == ["builtin-probes", "fancy", "other"]
+    monkeypatch.setenv("AIRD_LOAD_PLUGINS", "aird-other")
+    assert [e.name for e in p._entry_points()] == ["builtin-probes", "other"]

@@ -23,6 +23,7 @@ def pip_install(folder: Path, target: Path) -> None:
 
 def aird(*args, path=None):
     env = dict(os.environ)
+    env.pop("AIRD_LOAD_PLUGINS", None)   # conftest keeps the machine's plugins out; these tests install their own
     if path:
         env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "aird", *args], capture_output=True, text=True, env=env, timeout=600)

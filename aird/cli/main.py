@@ -161,12 +161,13 @@ def judges_validate(
         set_threads(threads)
         names = list(judges) if judges else [r.name for r in registry().of("scorer")]
         recs = validate(names, list(datasets), limit, seed, str(data_dir) if data_dir else None, RichReporter(),
-                        {"judge_model": judge_model, "device": device})
+                        {"judge_model": judge_model, "device": device}, skip_unready=not judges)
         console.print(table("judges against human labels (positive class: refusal)",
                             ["judge", "data set", "n", "accuracy", "precision", "recall", "F1", "kappa",
                              "s / 100"],
-                            [(r["judge"], r["dataset"], r["n"], r["accuracy"], r["precision"], r["recall"], r["f1"],
-                              r["kappa"], r["seconds_per_100"]) for r in recs]))
+                            [(r["judge"], r["dataset"], r.get("n"), r.get("accuracy"), r.get("precision"),
+                              r.get("recall"), r.get("f1"), r.get("kappa"), r.get("seconds_per_100"))
+                             for r in recs]))
         if out:
             write_jsonl(Path(out) / "judges.jsonl", recs)
         if wants_json(json_out):

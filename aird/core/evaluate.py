@@ -17,8 +17,8 @@ from aird.core import plugins
 from aird.core.artifacts import Run, append_jsonl, check_resumable, read_jsonl, write_jsonl
 from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample, stratified, wikitext_text
 from aird.core.engines import answer, default_engine, session
-from aird.core.generate import BatchedSession
 from aird.core.errors import AirdError
+from aird.core.generate import BatchedSession
 from aird.core.sources import SEEN_BY_PROBE, exclude_seen, origin_of, seen_index
 from aird.core.loading import LoadedModel
 from aird.core.plots import plot_asr
@@ -221,6 +221,9 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
         raise AirdError(f"unknown suite {unknown[0]!r}; use safety, utility or all.")
     scorer = plugins.get("scorer", cfg.scorer)
     extra = {name: plugins.get("scorer", name) for name in cfg.judges if name != cfg.scorer}
+    for judge in (scorer, *extra.values()):
+        if "safety" in suites and hasattr(judge, "prepare"):
+            judge.prepare()     # a judge model that is missing stops the run before any answer is generated
     if cfg.task_limit is not None and cfg.task_limit < 1:
         raise AirdError("--task-limit must be at least 1.")
     sets, excluded = _sets(cfg) if "safety" in suites else ([], {})
@@ -254,12 +257,11 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
                 step = max(getattr(sess, "chunk", 64), 1)    # stream to disk after every call
                 for s in range(0, len(todo), step):
                     chunk = todo[s : s + step]
-                    texts = [lm.adapter.format(lm.tokenizer, p.instruction, cfg.system_prompt) for *_, p in chunk]
-                    gens, refused, scores = answer_and_judge(lm, texts, [p.instruction for *_, p in chunk], scorer,
-                                                             cfg.max_new_tokens, cfg.batch_size, progress=advance,
-                                                             sess=sess)
-                    scores = scores.tolist()
                     raw = [p.instruction for *_, p in chunk]
+                    texts = [lm.adapter.format(lm.tokenizer, x, cfg.system_prompt) for x in raw]
+                    gens, refused, scores = answer_and_judge(lm, texts, raw, scorer, cfg.max_new_tokens,
+                                                             cfg.batch_size, progress=advance, sess=sess)
+                    scores = scores.tolist()
                     others = {j: obj.refused(raw, [g.text for g in gens]) for j, obj in extra.items()}
                     new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
                                       origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction,

@@ -103,9 +103,11 @@ def agreement(pred: list[bool], gold: list[bool]) -> dict:
 
 
 def validate(judges: list[str], datasets: list[str], limit: int | None = None, seed: int = 42, data_dir=None,
-             reporter: Reporter | None = None, judge_options: dict | None = None) -> list[dict]:
+             reporter: Reporter | None = None, judge_options: dict | None = None,
+             skip_unready: bool = False) -> list[dict]:
     """One ``judges.validation`` record per (judge, data set), published judges' rows included where the data
-    set has them."""
+    set has them. ``skip_unready``: a judge that cannot get ready (its model not installed) gets a record with
+    ``skipped`` and the reason instead of stopping the run."""
     rep = reporter or Reporter()
     objs = {name: plugins.get("scorer", name) for name in judges}
     for obj in objs.values():
@@ -116,11 +118,18 @@ def validate(judges: list[str], datasets: list[str], limit: int | None = None, s
         rows = stratified_rows(load_labelled(ds, data_dir), limit, seed)
         gold = [r.refusal for r in rows]
         for name, obj in objs.items():
-            with rep.stage(f"judge {name} on {ds} ({len(rows)} answers)", 1) as advance:
-                t_load = time.perf_counter()
+            t_load = time.perf_counter()
+            try:
                 if hasattr(obj, "prepare"):
                     obj.prepare()
-                load_s = time.perf_counter() - t_load
+            except AirdError as exc:
+                if not skip_unready:
+                    raise
+                rep.note(f"judge {name} skipped: {exc}")
+                out.append({"record": "judges.validation", "judge": name, "dataset": ds, "skipped": str(exc)})
+                continue
+            load_s = time.perf_counter() - t_load
+            with rep.stage(f"judge {name} on {ds} ({len(rows)} answers)", 1) as advance:
                 t = time.perf_counter()
                 pred = obj.refused([r.prompt for r in rows], [r.completion for r in rows])
                 sec = time.perf_counter() - t

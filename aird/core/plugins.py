@@ -7,6 +7,7 @@ not stop the other commands.
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
@@ -80,6 +81,12 @@ def build_registry(entry_points: Iterable[md.EntryPoint]) -> PluginRegistry:
         except Exception as exc:  # a broken third-party plugin must not take aird down
             broken.append(Broken(ep.name, origin[0], _one_line(exc)))
             continue
+        try:   # a hookimpl whose name matches no hook (a misspelling) would otherwise be silently ignored
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            pm.unregister(name=ep.name)
+            broken.append(Broken(ep.name, origin[0], f"implements a hook aird does not have: {_one_line(exc)}"))
+            continue
         origins[ep.name] = origin
 
     items: list[Registered] = []
@@ -104,8 +111,24 @@ def build_registry(entry_points: Iterable[md.EntryPoint]) -> PluginRegistry:
     return PluginRegistry(items, broken)
 
 
+LOAD_PLUGINS_ENV = "AIRD_LOAD_PLUGINS"
+
+
+def _wanted(ep: md.EntryPoint) -> bool:
+    """Built-ins always; a third party's entry point unless ``$AIRD_LOAD_PLUGINS`` is set and names neither it
+    nor its distribution (comma-separated; set and empty: no third-party plugin loads)."""
+    dist = getattr(getattr(ep, "dist", None), "name", "")
+    if dist == "aird":
+        return True
+    chosen = os.environ.get(LOAD_PLUGINS_ENV)
+    if chosen is None:
+        return True
+    names = {x.strip() for x in chosen.split(",") if x.strip()}
+    return ep.name in names or dist in names
+
+
 def _entry_points() -> list[md.EntryPoint]:
-    eps = list(md.entry_points(group=ENTRY_POINT_GROUP))
+    eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP) if _wanted(ep)]
     # built-ins first, then third parties by name: a stable order for listings and name clashes
     return sorted(eps, key=lambda ep: (getattr(ep.dist, "name", "") != "aird", ep.name))
 
