@@ -24,10 +24,6 @@ from aird.core.errors import AirdError
 from aird.core.forward import make_batches, run_model
 from aird.core.loading import LoadedModel
 
-ENGINE_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
-                  "gpu_memory_utilization", "max_model_len", "enforce_eager", "dtype")
-
-
 def default_engine() -> str:
     """``$AIRD_ENGINE`` when set (the test suite sets ``hf``: tiny models are not worth vLLM's start-up), else
     ``auto``."""
