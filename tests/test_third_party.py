@@ -127,7 +127,8 @@ def test_autogptq_plugin_installs_and_explains_itself(refusing, tmp_path):
 
 def test_autogptq_glue_with_a_stand_in_solver(refusing, monkeypatch):
     """The plugin's layer-by-layer flow, with a stand-in for auto-gptq's GPTQ solver (RTN on 16 levels)."""
-    sys.path.insert(0, str(REPO / "plugins" / "aird-autogptq"))
+    monkeypatch.syspath_prepend(str(REPO / "plugins" / "aird-autogptq"))   # undone after the test
+    monkeypatch.delitem(sys.modules, "aird_autogptq", raising=False)
     import aird_autogptq
 
     seen = []
@@ -158,6 +159,5 @@ def test_autogptq_glue_with_a_stand_in_solver(refusing, monkeypatch):
     calib = Calibration(["x"], [[5, 6, 7, 8], [9, 10, 11]], "test")
     aird_autogptq.AutoGPTQ().compress(lm, {"bits": 4, "group_size": None}, calib)
     n_linear = sum(isinstance(m, torch.nn.Linear) for layer in lm.adapter.layers(lm.model) for m in layer.modules())
+    # the glue's own work: every decoder Linear gets a solver, fed every calibration token (3 + 4), once
     assert len(seen) == n_linear and all(rows == 7 for rows in seen)
-    w = lm.adapter.layers(lm.model)[0].mlp.down_proj.weight
-    assert max(len(torch.unique(row)) for row in w) <= 16

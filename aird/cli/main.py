@@ -12,6 +12,7 @@ import typer
 from aird import __version__
 from aird.cli.render import RichReporter, console, emit, fmt, read_ref_from_stdin, table, wants_json
 from aird.core.errors import AirdError
+from aird.core.reliability import check_writable_folder
 
 app = typer.Typer(
     name="aird",
@@ -50,15 +51,37 @@ def engine_options(tp: int | None, pp: int | None, executor: str | None) -> dict
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Errors a user can cause end in one sentence on stderr and a non-zero exit, never a traceback."""
+    """The error boundary. Errors a user can cause (aird's own, and a path, a permission, the disk or a file's
+    bytes) end in one sentence and exit 2; Ctrl-C in exit 130 and SIGTERM in 143, each after the write in
+    progress has finished or been rolled back; anything else is a bug: one sentence naming the crash log that
+    holds the traceback, and exit 1."""
+    import click
+
+    from aird.core.reliability import Terminated, sigterm_as_exception, user_error_sentence, write_crash_log
+
     try:
-        yield
+        with sigterm_as_exception():
+            yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
     except AirdError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] rerun the same command to resume.")
         raise typer.Exit(130) from None
+    except Terminated:
+        console.print("[bold red]terminated:[/] rerun the same command to resume.")
+        raise typer.Exit(143) from None
+    except Exception as exc:
+        sentence = user_error_sentence(exc)
+        if sentence is not None:
+            console.print(f"[bold red]error:[/] {sentence}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        log = write_crash_log(exc)
+        console.print(f"[bold red]aird hit an internal error[/] ({type(exc).__name__}); the traceback is in {log}; "
+                      "please report it.", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _version(value: bool) -> None:
@@ -252,6 +275,7 @@ def probe_cmd(
                           data_dir=str(data_dir) if data_dir else None, device=device)
         cfg.validate()
         out = out or Path("runs") / f"probe-{_slug(spec)}"
+        check_writable_folder(out)
         with console.status(f"loading {spec}"):
             lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         cfg.dtype = lm.info["dtype"]
@@ -306,6 +330,7 @@ def compress_cmd(
                              data_dir=str(data_dir) if data_dir else None, device=device, format=fmt)
         suffix = "-".join(str(v).replace(":", "of") for v in given.values() if v is not None)
         out = out or Path("runs") / f"{_slug(spec)}-{method}{'-' + suffix if suffix else ''}"
+        check_writable_folder(out)
         with console.status(f"loading {spec}"):
             lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         res = run_compress(lm, cfg, out, force=force, reporter=RichReporter())
@@ -350,6 +375,7 @@ def diff_cmd(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     threads: Optional[int] = THREADS_OPT,
+    trust_remote_code: bool = TRUST_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -360,12 +386,14 @@ def diff_cmd(
 
     with user_errors():
         comp = Path(read_ref_from_stdin() if compressed == "-" else compressed)
+        if out is not None:
+            check_writable_folder(out)
         set_threads(threads)
         lm = None
         if score:
             path = open_probe(comp).summary["config"]["model_path"]
             with console.status(f"loading {path}"):
-                lm = load_model(path, device=device, dtype=dtype)
+                lm = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         s = run_diff(original, comp, out, lm=lm, force=force, reporter=RichReporter())
         render_diff(s)
         if wants_json(json_out):
@@ -425,6 +453,7 @@ def repair_cmd(
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
     threads: Optional[int] = THREADS_OPT,
+    trust_remote_code: bool = TRUST_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -448,10 +477,11 @@ def repair_cmd(
                            batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
         if check_on:
             cfg.check_on = [] if check_on == ["none"] else list(check_on)
-        cfg.matrices()
+        cfg.validate()
         out = out or Path(f"{spec.rstrip('/')}-{method}")
+        check_writable_folder(out)
         with console.status(f"loading {spec}"):
-            lm = load_model(spec, device=device, dtype=dtype)
+            lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         s = run_repair(lm, reference, cfg, out, force=force, reporter=RichReporter())
         render_repair(s)
         if wants_json(json_out):
@@ -509,8 +539,10 @@ def eval_cmd(
                                                      "over the categories) or first (the first N)."),
     tasks: list[str] = typer.Option(["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande",
                                      "openbookqa", "rte"], "--task", help="Zero-shot tasks (utility suite)."),
-    harmful: list[str] = typer.Option(list(("advbench", "jailbreakbench")), help="Harmful sets (ASR)."),
-    benign: list[str] = typer.Option(list(("jailbreakbench_benign", "alpaca")), help="Benign sets (over-refusal)."),
+    harmful: Optional[list[str]] = typer.Option(None, help="Harmful sets (ASR); 'none' for none [default: advbench "
+                                                "jailbreakbench, or none with --prompts]."),
+    benign: Optional[list[str]] = typer.Option(None, help="Benign sets (over-refusal); 'none' for none [default: "
+                                               "jailbreakbench_benign alpaca, or none with --prompts]."),
     jailbreaks: list[str] = typer.Option([], "--jailbreak", help="Jailbreak sets, each reported as its own attack: "
                                          "jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild."),
     wild_templates: int = typer.Option(5, help="In-the-wild templates sampled for --jailbreak wild."),
@@ -540,6 +572,7 @@ def eval_cmd(
     tensor_parallel_size: Optional[int] = TP_OPT,
     pipeline_parallel_size: Optional[int] = PP_OPT,
     distributed_executor_backend: Optional[str] = EXECUTOR_OPT,
+    trust_remote_code: bool = TRUST_OPT,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -560,7 +593,15 @@ def eval_cmd(
             if hasattr(obj, "configure"):
                 obj.configure(judge_model=judge_model, device=device)
         set_threads(threads)
-        cfg = EvalConfig(harmful=list(harmful), benign=list(benign), jailbreaks=list(jailbreaks),
+        from aird.core.evaluate import BENIGN_SETS, HARMFUL_SETS
+
+        def chosen(given: Optional[list[str]], default: tuple[str, ...]) -> list[str]:
+            if given is None:   # --prompts alone evaluates the file alone
+                return [] if prompts else list(default)
+            return [] if list(given) == ["none"] else list(given)
+
+        cfg = EvalConfig(harmful=chosen(harmful, HARMFUL_SETS), benign=chosen(benign, BENIGN_SETS),
+                         jailbreaks=list(jailbreaks),
                          wild_templates=wild_templates, prompts_file=str(prompts) if prompts else None,
                          prompts_as=prompts_as, column=column, category_column=category_column, limit=limit, alpaca_n=alpaca_n,
                          task_limit=task_limit, selection=selection,
@@ -573,11 +614,13 @@ def eval_cmd(
             get("engine", engine)
         if seen:
             cfg.seen = [] if seen == ["none"] else list(seen)
+        cfg.validate(suites)
         base = out or Path("runs") / "eval"
+        check_writable_folder(base)
         summaries, folders, paired, names = [], [], [], _slugs(specs)
         for spec, name in zip(specs, names):
             with console.status(f"loading {spec}"):
-                lm = load_model(spec, device=device, dtype=dtype)
+                lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
             folders.append(base / name if len(specs) > 1 else base)
             summaries.append(run_eval(lm, cfg, folders[-1], suites, force=force, reporter=RichReporter()))
         if len(specs) > 1:
@@ -652,6 +695,7 @@ def study_cmd(
     tensor_parallel_size: Optional[int] = TP_OPT,
     pipeline_parallel_size: Optional[int] = PP_OPT,
     distributed_executor_backend: Optional[str] = EXECUTOR_OPT,
+    trust_remote_code: bool = TRUST_OPT,
     force: bool = typer.Option(False, "--force", help="Start the study in --out again from nothing."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -669,8 +713,9 @@ def study_cmd(
                                                                distributed_executor_backend)) else {})}
         cfg = resolve_config(profile, config, {"model": model, "seed": seed, "eval": ev or None}, cuda=cuda)
         out = out or Path("runs") / f"study-{_slug(cfg['model'])}-{profile}"
+        check_writable_folder(out)
         res = run_study(cfg, out, force=force, reporter=RichReporter(), device=device,
-                        data_dir=str(data_dir) if data_dir else None)
+                        data_dir=str(data_dir) if data_dir else None, trust_remote_code=trust_remote_code)
         render_study(res)
         if wants_json(json_out):
             emit([{"record": "study.summary", "model": cfg["model"], "profile": profile, "out": str(res.out),

@@ -111,15 +111,16 @@ def read_jsonl(path: Path | str, torn_tail_ok: bool = False) -> list[dict]:
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist.")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    # bytes first: a kill in the middle of a multi-byte character (an emoji, a Chinese answer) leaves a last
+    # line that is not even UTF-8, and that is still only a torn tail
+    lines = path.read_bytes().splitlines(keepends=True)
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if torn_tail_ok and i == len(lines) and not line.endswith("\n"):
+            rec = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if torn_tail_ok and i == len(lines) and not raw.endswith(b"\n"):
                 break
             raise ArtifactError(f"{path} line {i} is not valid JSON; delete the file or rerun with --force.") from None
         if not isinstance(rec, dict) or "record" not in rec:

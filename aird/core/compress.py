@@ -25,6 +25,7 @@ from aird.core.errors import AirdError
 from aird.core.loading import LoadedModel, save_model_folder
 from aird.core.measure import LazyTensors, decoder_linear_weights, summarize
 from aird.core.progress import Reporter
+from aird.core.reliability import clean_stale_scratch, scratch_prefix
 
 COMPRESS_JSONL = "compress.jsonl"
 NON_SEMANTIC = ("device", "data_dir", "threads")
@@ -177,6 +178,15 @@ def peak_rss_mb() -> float:
 
 def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = False,
                  reporter: Reporter | None = None) -> CompressResult:
+    """See _run_compress; one run at a time per output folder (a second one fails at once)."""
+    from aird.core.reliability import out_lock
+
+    with out_lock(Path(out), beside=True):
+        return _run_compress(lm=lm, cfg=cfg, out=out, force=force, reporter=reporter)
+
+
+def _run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = False,
+                  reporter: Reporter | None = None) -> CompressResult:
     rep = reporter or Reporter()
     plugin = plugins.get("compressor", cfg.method)
     params = resolve_params(plugin, cfg.params, lm)
@@ -184,7 +194,7 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
         raise AirdError("--calib-samples must be at least 1 and --calib-seq-len at least 8.")
     out = Path(out)
     fmt = resolve_format(cfg.format, plugin, lm)
-    config = {"model_path": lm.path, **asdict(cfg), "params": params, "format": fmt}
+    config = {"model_path": lm.path, "model_fingerprint": lm.info.get("fingerprint"), **asdict(cfg), "params": params, "format": fmt}
     done = finished_model_folder(out, COMPRESS_JSONL, "compress.summary", config, force, ignore=NON_SEMANTIC)
     if done is not None:
         return CompressResult(out, done, resumed=True)
@@ -194,10 +204,12 @@ def run_compress(lm: LoadedModel, cfg: CompressConfig, out: Path, force: bool = 
     sd = lm.model.state_dict()
     linear = decoder_linear_weights(sd)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # a compression killed with SIGKILL leaves its scratch (a copy of the weights) behind: removed here
+    clean_stale_scratch(out.parent, "compress")
     require_free_space(out.parent, tensor_bytes(sd.values()) + tensor_bytes(linear.values()),
                        f"compressing into {out} (the written model and a scratch copy of the original weights)")
     del sd
-    scratch = tempfile.TemporaryDirectory(prefix=".aird-compress-", dir=out.parent)
+    scratch = tempfile.TemporaryDirectory(prefix=scratch_prefix("compress"), dir=out.parent)
     try:
         return _compress_and_save(lm, cfg, plugin, params, fmt, config, out, rep, linear, Path(scratch.name))
     finally:

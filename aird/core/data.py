@@ -41,14 +41,16 @@ def _suffix(path: Path) -> str:
 def read_text(path: Path) -> str:
     """A data file's text, decompressed when it ends in ``.gz``."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+        if path.suffix == ".gz":   # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the text
+            with gzip.open(path, "rt", encoding="utf-8-sig", newline="") as fh:
                 return fh.read()
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            return fh.read()
     except (OSError, EOFError) as exc:
         raise DataNotFound(f"{path} could not be read ({exc}).") from None
-    except UnicodeDecodeError:
-        raise DataNotFound(f"{path} is not UTF-8 text.") from None
+    except UnicodeDecodeError as exc:
+        raise DataNotFound(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 (in Excel: CSV UTF-8) "
+                           "and rerun.") from None
 
 
 def _rows_json(path: Path) -> list[dict]:
@@ -72,11 +74,23 @@ def _rows_json(path: Path) -> list[dict]:
             if isinstance(data.get(key), list):
                 return data[key]
         raise DataNotFound(f"{path} holds a JSON object without a list of rows.")
+    if not isinstance(data, list):
+        raise DataNotFound(f"{path} holds a JSON {type(data).__name__ if data is not None else 'null'}, not a list of "
+                           "prompts (a list of strings or of objects).")
     return data
 
 
 def _rows_csv(path: Path) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    rows = []
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):   # more or fewer fields than the header
+            n = len(row) - (None in row) + len(row.get(None) or [])
+            n -= sum(v is None for k, v in row.items() if k is not None)
+            raise DataNotFound(f"{path} line {reader.line_num} has {n} fields where the header has "
+                               f"{len(reader.fieldnames or [])}; fix the row (quote text that holds commas).")
+        rows.append(row)
+    return rows
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -102,10 +116,12 @@ def prompts_from_rows(rows: list, source: str, column: str | None = None,
     out = []
     for i, row in enumerate(rows):
         if isinstance(row, str):
-            out.append(Prompt(row, None, source))
+            if not row.strip():
+                raise DataNotFound(f"{source}: prompt {i} is an empty string; remove it.")
+            out.append(Prompt(row.strip(), None, source))
             continue
         if not isinstance(row, dict):
-            raise DataNotFound(f"{source}: row {i} is neither text nor an object.")
+            raise DataNotFound(f"{source}: row {i} is neither text nor an object ({json.dumps(row)[:40]}).")
         col = column or next((c for c in _TEXT_COLUMNS if c in row), None)
         if col is None or col not in row:
             raise DataNotFound(f"{source}: row {i} has no text column ({column or ' / '.join(_TEXT_COLUMNS)}).")

@@ -64,9 +64,45 @@ class EvalConfig:
     engine: str = field(default_factory=default_engine)   # generation engine plugin: auto | hf | vllm | a plugin's
     engine_options: dict = field(default_factory=dict)   # passed to the engine (vLLM: tensor_parallel_size, ...)
 
+    def validate(self, suites: tuple[str, ...] = ("safety", "utility")) -> None:
+        """Every option checked before a model loads: a bad value must not surface after an hour of answers."""
+        from aird.core.data import JAILBREAKS, SETS
+        from aird.core.zeroshot import TASKS
+
+        for name, value, least in (("--limit", self.limit, 1), ("--task-limit", self.task_limit, 1),
+                                   ("--alpaca-n", self.alpaca_n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
+                                   ("--batch-size", self.batch_size, 1), ("--ppl-ctx-len", self.ppl_ctx_len, 16),
+                                   ("--ppl-windows", self.ppl_windows, 1), ("--wild-templates", self.wild_templates, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")
+        if self.selection not in ("stratified", "first"):
+            raise AirdError(f"--selection must be stratified or first, not {self.selection!r}.")
+        if self.prompts_as not in ("harmful", "benign"):
+            raise AirdError(f"--as must be harmful or benign, not {self.prompts_as!r}.")
+        for role, names, known in (("harmful", self.harmful, SETS), ("benign", self.benign, SETS),
+                                   ("jailbreak", self.jailbreaks, JAILBREAKS)):
+            for n in names:
+                if n not in known:
+                    raise AirdError(f"unknown {role} set {n!r}; known: {', '.join(known)} (see `aird data`).")
+        if "utility" in suites:
+            for t in self.tasks:
+                if t not in TASKS:
+                    raise AirdError(f"unknown zero-shot task {t!r}; known: {', '.join(TASKS)}.")
+        if "safety" in suites and not (self.harmful or self.benign or self.jailbreaks or self.prompts_file):
+            raise AirdError("no prompt set to evaluate: name --harmful, --benign, --jailbreak or --prompts.")
+
     @property
     def tasks_limit(self) -> int | None:
         return self.task_limit if self.task_limit is not None else self.limit
+
+
+def prompt_file_set_name(path: str) -> str:
+    """The set name of a user's prompt file: its stem, marked as a file where it would pass for a built-in set
+    (alpaca.json read --as harmful must not be sampled and scored as aird's Alpaca)."""
+    from aird.core.data import JAILBREAKS, SETS
+
+    stem = Path(path).stem
+    return f"{stem} (file)" if stem in SETS or stem in JAILBREAKS else stem
 
 
 def _sets(cfg: EvalConfig) -> tuple[list[tuple[str, str, list[Prompt]]], dict[str, dict]]:
@@ -83,7 +119,7 @@ def _sets(cfg: EvalConfig) -> tuple[list[tuple[str, str, list[Prompt]]], dict[st
     if cfg.prompts_file:
         if cfg.prompts_as not in ("harmful", "benign"):
             raise AirdError("--as must be harmful or benign.")
-        out.append((Path(cfg.prompts_file).stem, cfg.prompts_as,
+        out.append((prompt_file_set_name(cfg.prompts_file), cfg.prompts_as,
                     load_prompt_file(cfg.prompts_file, cfg.column, cfg.category_column)))
     index = seen_index(cfg.seen, cfg.data_dir) if cfg.seen else None
     excluded = {}
@@ -211,14 +247,72 @@ def compare_runs(folders: list[Path], names: list[str], out: Path, seed: int) ->
     return records
 
 
+# what a rerun may change and still reuse every answer already on disk: which prompts are asked (an answer is
+# reused for the same prompt of the same set), which tasks are run (a task's result when its limit is the same)
+SELECTION_KEYS = ("harmful", "benign", "jailbreaks", "wild_templates", "prompts_file", "limit", "task_limit",
+                  "alpaca_n", "seed", "selection", "tasks", "ppl_windows", "ppl_ctx_len", "seen", "suites")
+
+
+def reusable_records(records: list[dict], config: dict, sets: list, path: Path) -> list[dict]:
+    """The records of an earlier run in the same folder that this run can keep: all of them when the
+    configuration is the same; when only the selection changed (SELECTION_KEYS: a fixed --limit, another set),
+    the answers to prompts this run asks too (re-indexed), the zero-shot tasks with the same limit and the
+    perplexity with the same windows, each re-labelled with this run's configuration. A change of how answers
+    are made or judged (the model, --max-new-tokens, the scorer, ...) is refused, as before."""
+    check_resumable(records, config, path, ignore=NON_SEMANTIC + SELECTION_KEYS)
+    current = {(name, p.instruction): i for name, _role, prompts in sets for i, p in enumerate(prompts)}
+    new_limit = config.get("task_limit") if config.get("task_limit") is not None else config.get("limit")
+    kept = []
+    for r in records:
+        old = r.get("config") or {}
+        same = all(old.get(k) == config.get(k) for k in SELECTION_KEYS)
+        if r["record"] == "eval.prompt":
+            i = current.get((r["set"], r["prompt"]))
+            if i is None:
+                continue
+            if i != r["index"] or not same:
+                r = {**r, "index": i}
+        elif r["record"] == "eval.task" and not same:
+            old_limit = old.get("task_limit") if old.get("task_limit") is not None else old.get("limit")
+            if r.get("task") == "wikitext2":
+                if (old.get("ppl_windows"), old.get("ppl_ctx_len")) != (config.get("ppl_windows"),
+                                                                        config.get("ppl_ctx_len")):
+                    continue
+            elif r.get("task") not in config.get("tasks", []) or old_limit != new_limit or \
+                    old.get("seed") != config.get("seed"):
+                continue
+        elif r["record"] == "eval.summary" and not same:
+            continue
+        kept.append(r if same else {**r, "config": config})
+    seen_keys: set = set()
+    out = []
+    for r in kept:   # one answer per (set, index): the first
+        key = (r["record"], r.get("set"), r.get("index"), r.get("task"))
+        if r["record"] in ("eval.prompt", "eval.task") and key in seen_keys:
+            continue
+        seen_keys.add(key)
+        out.append(r)
+    return out
+
+
 def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...] = ("safety",), force: bool = False,
              reporter: Reporter | None = None) -> dict:
+    """See _run_eval; one run at a time per output folder (a second one fails at once)."""
+    from aird.core.reliability import out_lock
+
+    with out_lock(Path(out)):
+        return _run_eval(lm=lm, cfg=cfg, out=out, suites=suites, force=force, reporter=reporter)
+
+
+def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...] = ("safety",), force: bool = False,
+              reporter: Reporter | None = None) -> dict:
     """Run the requested suites ("safety", "utility") and write eval.jsonl: one record per prompt (streamed),
     one per utility task, and the summary."""
     rep = reporter or Reporter()
     unknown = [x for x in suites if x not in ("safety", "utility")]
     if unknown:
         raise AirdError(f"unknown suite {unknown[0]!r}; use safety, utility or all.")
+    cfg.validate(suites)
     scorer = plugins.get("scorer", cfg.scorer)
     extra = {name: plugins.get("scorer", name) for name in cfg.judges if name != cfg.scorer}
     for judge in (scorer, *extra.values()):
@@ -229,18 +323,17 @@ def run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ...
     sets, excluded = _sets(cfg) if "safety" in suites else ([], {})
     out = Path(out)
     jsonl = out / EVAL_JSONL
-    config = {"model_path": lm.path, **asdict(cfg), "suites": list(suites)}
+    config = {"model_path": lm.path, "model_fingerprint": lm.info.get("fingerprint"), **asdict(cfg), "suites": list(suites)}
     records: list[dict] = []
     if jsonl.exists():
         if force:
             jsonl.unlink()
         else:
-            records = read_jsonl(jsonl, torn_tail_ok=True)
-            check_resumable(records, config, jsonl, ignore=NON_SEMANTIC)
+            records = reusable_records(read_jsonl(jsonl, torn_tail_ok=True), config, sets, jsonl)
             done = next((r for r in records if r["record"] == "eval.summary"), None)
             if done is not None:
                 return {**done, "resumed": True}
-            write_jsonl(jsonl, records)   # drop a torn last line before appending again
+            write_jsonl(jsonl, records)   # drop a torn last line (and what cannot be reused) before appending
     run = Run("eval", lm.spec, config, cfg.seed)
     timings: dict[str, float] = {}
     done_keys = {(r["set"], r["index"]) for r in records if r["record"] == "eval.prompt"}

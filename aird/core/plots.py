@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
+
+MAX_CATEGORIES = 30   # bars per panel: beyond that a chart is unreadable (and matplotlib may refuse its size)
+
+
+def never_fails(fn):
+    """A plot is a view of records already written: if drawing it fails, the run goes on (one line on stderr,
+    no file), never loses its results."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:   # noqa: BLE001 - any plotting failure is reported and survived
+            try:
+                _pyplot().close("all")
+            except Exception:
+                pass
+            print(f"aird: warning: the plot {fn.__name__.removeprefix('plot_')} was not drawn "
+                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the results are kept.",
+                  file=sys.stderr)
+            return False
+    return wrapper
 
 
 def _pyplot():
@@ -20,12 +43,13 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
     plt.close(fig)
 
 
+@never_fails
 def plot_probe(path: Path, n_layers: int, positions: list[int], scored: list[dict], proxy: dict, summary: dict) -> None:
     """Bypass (full score, and the ranking proxy where it was used) and induce score by layer, one line per
     post-instruction position; the chosen candidate is starred."""
@@ -61,6 +85,7 @@ def plot_probe(path: Path, n_layers: int, positions: list[int], scored: list[dic
     _save(fig, path)
 
 
+@never_fails
 def plot_cosine(path: Path, summary: dict) -> None:
     """Heatmap of the cosine similarity between the original and compressed candidate directions, by layer
     (rows) and post-instruction position (columns); the two chosen sources are marked."""
@@ -83,6 +108,7 @@ def plot_cosine(path: Path, summary: dict) -> None:
     _save(fig, path)
 
 
+@never_fails
 def plot_asr(path: Path, summaries: dict[str, dict]) -> bool:
     """Bar chart of ASR per category, one panel per harmful set that has categories (and one bar group of
     overall ASR per set), one bar colour per model. ``summaries`` maps a model label to its eval summary.
@@ -97,6 +123,9 @@ def plot_asr(path: Path, summaries: dict[str, dict]) -> bool:
     panels = [("overall", sets, {m: [summaries[m]["asr"].get(n) for n in sets] for m in labels})]
     for n in sets:
         cats = sorted({c for s in summaries.values() for c in s.get("asr_by_category", {}).get(n, {})})
+        if len(cats) > MAX_CATEGORIES:   # the categories with the highest ASR of any model
+            top = lambda c: max((summaries[m].get("asr_by_category", {}).get(n, {}).get(c) or 0) for m in labels)  # noqa: E731
+            cats = sorted(sorted(cats, key=top, reverse=True)[:MAX_CATEGORIES])
         if len(cats) > 1:
             panels.append((n, cats, {m: [summaries[m].get("asr_by_category", {}).get(n, {}).get(c) for c in cats]
                                      for m in labels}))
@@ -120,6 +149,7 @@ def plot_asr(path: Path, summaries: dict[str, dict]) -> bool:
     return True
 
 
+@never_fails
 def plot_refusal_scores(path: Path, scores: dict[str, dict[str, list[float]]]) -> bool:
     """Distributions of the refusal score (log-odds of the refusal tokens at the first generated position),
     harmful against benign prompts, one panel per model. ``scores`` maps a model label to {role: scores}."""

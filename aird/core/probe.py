@@ -31,6 +31,7 @@ from aird.core.errors import AirdError, ArtifactError
 from aird.core.forward import last_logits, make_batches, run_model
 from aird.core.loading import LoadedModel
 from aird.core.progress import Reporter
+from aird.core.reliability import texts_fingerprint
 from aird.core.selection import Scores, ValSet, attribution_bypass, score_candidate
 
 PROBE_JSONL = "probe.jsonl"
@@ -80,6 +81,10 @@ class PromptSets:
     harmless_train: list[Prompt]
     harmful_val: list[Prompt]
     harmless_val: list[Prompt]
+
+
+def astuple_sets(sets: PromptSets) -> tuple[list[Prompt], ...]:
+    return (sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val)
 
 
 def load_prompt_sets(cfg: ProbeConfig) -> PromptSets:
@@ -168,12 +173,23 @@ def _filter(scores: torch.Tensor, harmful: bool, enabled: bool) -> list[int]:
 
 def run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False, reporter: Reporter | None = None,
               prompts: PromptSets | None = None) -> ProbeResult:
+    """See _run_probe; one run at a time per output folder (a second one fails at once)."""
+    from aird.core.reliability import out_lock
+
+    with out_lock(Path(out)):
+        return _run_probe(lm=lm, cfg=cfg, out=out, force=force, reporter=reporter, prompts=prompts)
+
+
+def _run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False, reporter: Reporter | None = None,
+               prompts: PromptSets | None = None) -> ProbeResult:
     cfg.validate()
     rep = reporter or Reporter()
     probe_plugin = plugins.get("probe", cfg.method)
     out = Path(out)
     jsonl = out / PROBE_JSONL
-    config = {"model_path": lm.path, **asdict(cfg)}
+    sets = prompts or load_prompt_sets(cfg)
+    config = {"model_path": lm.path, "model_fingerprint": lm.info.get("fingerprint"), **asdict(cfg),
+              "data_fingerprint": texts_fingerprint(p.instruction for s in astuple_sets(sets) for p in s)}
     if force and out.exists():
         for name in (PROBE_JSONL, DIRECTIONS, PLOT):
             (out / name).unlink(missing_ok=True)
@@ -197,7 +213,6 @@ def run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False,
             by_type.get("probe.ranking", []) + by_type.get("probe.candidate", []) + by_type.get("probe.summary", [])
         write_jsonl(jsonl, ordered)
 
-    sets = prompts or load_prompt_sets(cfg)
     positions = lm.adapter.post_instruction_positions(lm.tokenizer, cfg.system_prompt)
     refusal_ids = lm.adapter.refusal_token_ids(lm.tokenizer)
     n_layers = lm.n_layers

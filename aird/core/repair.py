@@ -78,6 +78,33 @@ class RepairConfig:
     data_dir: str | None = None
     device: str | None = None
 
+    def validate(self) -> None:
+        """Every option checked before a model loads (a bad one must not cost the user a search first)."""
+        import math
+
+        self.matrices()
+        if self.judge not in JUDGES:
+            raise AirdError(f"--judge must be {' or '.join(JUDGES)}, not {self.judge!r}.")
+        if self.alpha != "auto":
+            try:
+                a = float(self.alpha)
+            except (TypeError, ValueError):
+                raise AirdError(f"--alpha must be a number or auto, not {self.alpha!r}.") from None
+            if not math.isfinite(a) or not a > -1:
+                raise AirdError("--alpha must be a finite number greater than -1 (α = -1 removes the direction "
+                                "entirely), or auto.")
+        for name, value, least in (("--candidates", self.candidates, 1), ("--refine", self.refine, 0),
+                                   ("--max-new-tokens", self.max_new_tokens, 1), ("--tune-limit", self.tune_limit, 1),
+                                   ("--check-limit", self.check_limit, 0), ("--batch-size", self.batch_size, 1)):
+            if not isinstance(value, int) or value < least:
+                raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")
+        if not 0 <= self.guard < 1:
+            raise AirdError(f"--guard must be in [0, 1), not {self.guard!r}.")
+        if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
+            raise AirdError(f"--ridge must be a positive number, not {self.ridge!r}.")
+        if isinstance(self.layer, int) and self.layer < 0:
+            raise AirdError(f"--layer must be at least 0, not {self.layer}.")
+
     def matrices(self) -> list[str]:
         if self.matrix not in ("attn", "mlp", "both"):
             raise AirdError(f"--matrix must be attn, mlp or both, not {self.matrix!r}.")
@@ -393,18 +420,20 @@ def _restore(mats: list[torch.nn.Linear], saved: list[torch.Tensor]) -> None:
 
 def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, force: bool = False,
                reporter: Reporter | None = None) -> dict:
+    """See _run_repair; one run at a time per output folder (a second one fails at once)."""
+    from aird.core.reliability import out_lock
+
+    with out_lock(Path(out), beside=True):
+        return _run_repair(lm=lm, reference=reference, cfg=cfg, out=out, force=force, reporter=reporter)
+
+
+def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, force: bool = False,
+                reporter: Reporter | None = None) -> dict:
     rep = reporter or Reporter()
     repair = plugins.get("repair", cfg.method)
+    cfg.validate()
     which = cfg.matrices()
-    if cfg.judge not in JUDGES:
-        raise AirdError(f"--judge must be {' or '.join(JUDGES)}, not {cfg.judge!r}.")
     scorer = plugins.get("scorer", cfg.scorer) if cfg.judge == "generate" else None
-    if cfg.candidates < 1 or cfg.max_new_tokens < 1 or cfg.refine < 0:
-        raise AirdError("--candidates and --max-new-tokens must be at least 1, --refine at least 0.")
-    if cfg.tune_limit < 1 or cfg.check_limit < 0:
-        raise AirdError("--tune-limit must be at least 1 and --check-limit at least 0.")
-    if cfg.ridge is not None and not (cfg.ridge > 0 and math.isfinite(cfg.ridge)):
-        raise AirdError("--ridge must be a positive number.")
     fitting = bool(getattr(repair, "fits", False))
     check_scorer = scorer or plugins.get("scorer", cfg.scorer)
     ref = open_probe(reference)
@@ -425,12 +454,10 @@ def run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, f
             alphas = [float(cfg.alpha)]
         except ValueError:
             raise AirdError(f"--alpha must be a number or auto, not {cfg.alpha!r}.") from None
-        if not alphas[0] > -1:
-            raise AirdError("--alpha must be greater than -1 (α = -1 removes the direction entirely).")
 
     out = Path(out)
     jsonl = out / REPAIR_JSONL
-    config = {"model_path": lm.path, "reference": str(ref.path), **asdict(cfg), "alphas": alphas}
+    config = {"model_path": lm.path, "model_fingerprint": lm.info.get("fingerprint"), "reference": str(ref.path), **asdict(cfg), "alphas": alphas}
     done = finished_model_folder(out, REPAIR_JSONL, "repair.summary", config, force, ignore=NON_SEMANTIC)
     if done is not None:
         return {**done, "resumed": True}

@@ -99,6 +99,100 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# the keys of each section of a study file: the fields of the subcommand's config it becomes, less what the study
+# sets itself (seed, data directory, device), plus the study's own keys
+_STUDY_SETS = ("seed", "data_dir", "device")
+_REPAIR_OWN = {"methods": list[str], "when": str, "moved_below_cosine": float, "matrix": str, "alpha": "float | str",
+               "layer": "int | str | None"}
+_GRID_KEYS = {"name": str, "method": str, "params": dict, "only_on": str}
+_TOP = {"model": str, "seed": int, "grid": list, "calibration": dict, "probe": dict, "repair": dict, "eval": dict}
+
+
+def _hints(cls) -> dict:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _type_ok(value, hint) -> bool:
+    """Whether a TOML value fits a field's annotation (int where a float is asked is fine; bool is not an int)."""
+    import types
+    import typing
+
+    if isinstance(hint, str):
+        hint = eval(hint, {"list": list, "dict": dict, "str": str, "int": int, "float": float, "bool": bool})  # noqa: S307
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list or hint is list:
+        args = typing.get_args(hint)
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint) -> str:
+    return hint if isinstance(hint, str) else getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_config(cfg: dict, where: str) -> None:
+    """Every key of every section known and of the right type, every grid name a plain folder name, and every
+    section's values valid for its subcommand: all before the study's first step, not hours into it."""
+    import re
+
+    from aird.core.evaluate import EvalConfig
+    from aird.core.probe import ProbeConfig
+    from aird.core.repair import RepairConfig
+
+    def check(section: str, values: dict, known: dict) -> None:
+        if not isinstance(values, dict):
+            raise AirdError(f"{where}: [{section}] must be a table of keys, not {values!r}.")
+        for k, v in values.items():
+            if k not in known:
+                close = [n for n in known if n.replace("_", "") == k.replace("_", "") or n.startswith(k[:3])]
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise AirdError(f"{where}: [{section}] has unknown key {k!r}{hint}; known: {', '.join(sorted(known))}.")
+            if not _type_ok(v, known[k]):
+                raise AirdError(f"{where}: [{section}] {k} must be {_type_name(known[k])}, not {v!r}.")
+
+    check("study", {k: v for k, v in cfg.items() if k in _TOP}, _TOP)
+    sections = {
+        "probe": {k: t for k, t in _hints(ProbeConfig).items() if k not in _STUDY_SETS + ("dtype",)},
+        "eval": {k: t for k, t in _hints(EvalConfig).items() if k not in _STUDY_SETS},
+        "calibration": {k: t for k, t in _hints(__import__("aird.core.compress", fromlist=["x"]).CompressConfig).items()
+                        if k not in _STUDY_SETS + ("method", "params")},
+        "repair": {**_REPAIR_OWN, **{k: t for k, t in _hints(RepairConfig).items() if k in REPAIR_KEYS}},
+    }
+    for name, known in sections.items():
+        check(name, cfg[name], known)
+    for g in cfg["grid"]:
+        if not isinstance(g, dict):
+            raise AirdError(f"{where}: every grid entry must be a table (name, method, params), not {g!r}.")
+        check("grid entry", g, _GRID_KEYS)
+        name = g.get("name") or ""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in ("original", "plots") or ".." in name:
+            raise AirdError(f"{where}: grid name {name!r} must be a plain folder name (letters, digits, '.', '_', "
+                            "'-'; not 'original' or 'plots').")
+    try:
+        ProbeConfig(**cfg["probe"]).validate()
+        EvalConfig(**cfg["eval"]).validate(("safety", "utility"))
+        rc = cfg["repair"]
+        for m in rc["methods"]:
+            RepairConfig(method=m, layer=rc.get("layer"), matrix=rc["matrix"], alpha=rc["alpha"],
+                         **{k: rc[k] for k in REPAIR_KEYS if k in rc}).validate()
+    except AirdError as exc:
+        raise AirdError(f"{where}: {exc}") from None
+
+
 def resolve_config(profile: str = "quick", config_file: Path | None = None, overrides: dict | None = None,
                    cuda: bool = False) -> dict:
     """The study configuration: a profile, a TOML file over it, then command-line overrides; checked."""
@@ -118,6 +212,7 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
             raise AirdError(f"study config {path} has unknown key {unknown[0]!r}; known: {', '.join(sorted(cfg))}.")
         cfg = _merge(cfg, user)
     cfg = _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None})
+    check_config(cfg, str(config_file) if config_file is not None else "the study configuration")
     cfg["profile"] = profile
     skipped = [g for g in cfg["grid"] if g.get("only_on") == "cuda" and not cuda]
     cfg["grid"] = [g for g in cfg["grid"] if g not in skipped]
@@ -126,8 +221,6 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
     for g in cfg["grid"]:
         if not g.get("name") or not g.get("method"):
             raise AirdError("every grid entry of the study needs a name and a method.")
-        if "/" in g["name"] or g["name"] in ("original", "plots"):
-            raise AirdError(f"grid name {g['name']!r} is not allowed (no '/', not 'original' or 'plots').")
         plugins.get("compressor", g["method"])
     if len(set(names)) != len(names):
         raise AirdError("the names of the study's grid entries must be distinct.")
@@ -186,8 +279,9 @@ def _summary(path: Path, record: str) -> dict | None:
 
 class _Study:
     def __init__(self, cfg: dict, out: Path, rep: Reporter, device: str | None, data_dir: str | None,
-                 advance: Callable[..., None]):
+                 advance: Callable[..., None], trust_remote_code: bool = False):
         self.cfg, self.out, self.rep, self.device, self.data_dir = cfg, out, rep, device, data_dir
+        self.trust_remote_code = trust_remote_code
         self.advance = advance
         self.steps: list[dict] = []
         self.done = {r["step"]: r for r in (read_jsonl(out / STEPS_JSONL, torn_tail_ok=True)
@@ -201,7 +295,7 @@ class _Study:
 
         if self._lm is None or self._lm_path != path:
             self._lm = None
-            self._lm = load_model(path, device=self.device)
+            self._lm = load_model(path, device=self.device, trust_remote_code=self.trust_remote_code)
             self._lm_path = path
         return self._lm
 
@@ -346,7 +440,17 @@ def data_used(cfg: dict) -> list[str]:
 
 
 def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | None = None,
-              device: str | None = None, data_dir: str | None = None) -> StudyResult:
+              device: str | None = None, data_dir: str | None = None, trust_remote_code: bool = False) -> StudyResult:
+    """See _run_study; one run at a time per output folder (a second one fails at once)."""
+    from aird.core.reliability import out_lock
+
+    with out_lock(Path(out)):
+        return _run_study(cfg=cfg, out=out, force=force, reporter=reporter, device=device, data_dir=data_dir,
+                          trust_remote_code=trust_remote_code)
+
+
+def _run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | None = None,
+               device: str | None = None, data_dir: str | None = None, trust_remote_code: bool = False) -> StudyResult:
     from aird.core.report import findings, write_report
 
     from aird.core.loading import resolve_model_path
@@ -387,7 +491,7 @@ def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | No
     t0 = time.perf_counter()
     entries: list[Entry] = []
     with rep.stage("study", n_steps(cfg)) as advance:
-        st = _Study(cfg, out, rep, device, data_dir, advance)
+        st = _Study(cfg, out, rep, device, data_dir, advance, trust_remote_code)
         original = Entry("original", "original", out / "original", cfg["model"])
         entries.append(original)
         st.probe(original)
