@@ -39,3 +39,41 @@ def wrap(model, tok, spec="tiny"):
     from aird.core.loading import wrap_model
 
     return wrap_model(model, tok, spec=spec, device=torch.device("cpu"))
+
+
+class FirstWordScorer:
+    """A test judge: the tiny refusing model refuses by starting with "I", which the reference substrings never
+    match."""
+    name = "first-word"
+    description = "refused when the answer starts with 'I' (tests)"
+
+    def refused(self, prompts, completions):
+        return [c.strip().startswith("I") for c in completions]
+
+
+@pytest.fixture()
+def register_plugin(monkeypatch):
+    """Register a test plugin through the same pluggy hooks a third party implements (an object or module with
+    ``@hookimpl`` functions), beside the built-ins, for one test: ``register_plugin(obj)`` returns the registry."""
+    import types
+
+    from aird.core import plugins
+
+    def register(plugin, name: str = "test-plugin"):
+        ep = types.SimpleNamespace(name=name, dist=None, load=lambda: plugin)
+        reg = plugins.build_registry([*plugins._entry_points(), ep])
+        assert not reg.broken, reg.broken
+        monkeypatch.setattr(plugins, "plugin_registry", lambda: reg)
+        return reg
+
+    return register
+
+
+class FirstWordPlugin:
+    """A test plugin registering FirstWordScorer through the scorer hook: ``register_plugin(FirstWordPlugin())``."""
+
+    from aird.core.hookspecs import hookimpl
+
+    @hookimpl
+    def aird_register_scorers(self, register):
+        register(FirstWordScorer())

@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow   # every test starts the CLI in a subprocess (torch's import alone takes seconds)
+
 
 def aird(*args, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "aird", *args], capture_output=True, text=True, input=stdin,
@@ -11,7 +15,7 @@ def aird(*args, stdin=None, env=None):
 
 
 def assert_one_sentence_error(res, *fragments):
-    assert res.returncode != 0
+    assert res.returncode == 2, (res.returncode, res.stderr)   # 1 would be an internal error (a crash log)
     assert "Traceback" not in res.stderr, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     err = [ln for ln in lines if ln.startswith("error:")]

@@ -106,7 +106,7 @@ def _check_default_compression(out, method, options, check):
         # at most 2 non-zeros in every group of 4 along the input dimension; exactly 2 zeros, except in the
         # groups where the dequantized GGUF already had more than 2 exact zeros
         from aird.core import registry
-        from aird.core.loading import converted_dir
+        from aird.core.registry import converted_dir
 
         original = load_file(str(converted_dir(registry.lookup("default")) / "model.safetensors"))
         assert s["nm_compliant"] is True
@@ -118,7 +118,7 @@ def _check_default_compression(out, method, options, check):
         assert s["bits"] <= 4 and all(max_distinct_per_group(w, 128) <= 16 for w in weights.values())
     # embeddings and lm_head are left as they were (the dequantized GGUF already has some exact zeros there)
     from aird.core import registry
-    from aird.core.loading import converted_dir
+    from aird.core.registry import converted_dir
 
     original = load_file(str(converted_dir(registry.lookup("default")) / "model.safetensors"))
     for name, share in s["other_sparsity"].items():

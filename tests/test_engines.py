@@ -49,9 +49,9 @@ class Canned:
 
 
 def _with(monkeypatch, *extra):
-    reg = plugins.registry()
+    reg = plugins.plugin_registry()
     items = reg.items + [Registered("engine", e.name, e, "test", "test-plugin", "1") for e in extra]
-    monkeypatch.setattr(plugins, "registry", lambda: PluginRegistry(items, []))
+    monkeypatch.setattr(plugins, "plugin_registry", lambda: PluginRegistry(items, []))
 
 
 def test_prefill_refusal_score_equals_the_hf_engines_first_step(refusing_lm):

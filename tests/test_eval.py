@@ -160,7 +160,7 @@ def test_paired_changes_count_each_prompt_once():
     assert p["b"]["baseline"] == pytest.approx(1 / 3) and p["b"]["model"] == pytest.approx(2 / 3)
 
 
-def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, monkeypatch):
+def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, register_plugin):
     """`aird eval -m A -m B` writes comparison.jsonl and prints eval.paired records: B's judgements against A's,
     prompt by prompt, counted from the two runs' own per-prompt records."""
     import csv
@@ -168,8 +168,9 @@ def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, mo
 
     from typer.testing import CliRunner
 
+    from conftest import FirstWordPlugin
+
     from aird.cli.main import app
-    from aird.core import plugins
     from aird.core.evaluate import mcnemar_exact
 
     model_dir, data = refusing
@@ -189,17 +190,11 @@ def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, mo
     model.save_pretrained(tmp_path / "random")
     tok.save_pretrained(tmp_path / "random")
 
-    class FirstWord:   # the tiny model refuses by starting with "I"; the reference substrings never match it
-        name = "first-word"
-
-        def refused(self, prompts, completions):
-            return [c.strip().startswith("I") for c in completions]
-
-    real = plugins.get
-    monkeypatch.setattr(plugins, "get", lambda kind, name: FirstWord() if kind == "scorer" else real(kind, name))
+    register_plugin(FirstWordPlugin())   # the tiny model refuses by starting with "I"
     out = tmp_path / "cmp"
     res = CliRunner().invoke(app, ["eval", "-m", str(model_dir), "-m", str(tmp_path / "random"), "--harmful",
                                    "advbench", "--benign", "jailbreakbench_benign", "--max-new-tokens", "3",
+                                   "--scorer", "first-word",
                                    "--data-dir", str(d), "--out", str(out), "--seen", "none", "--json"])
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
@@ -231,7 +226,7 @@ def test_several_models_get_distinct_output_folders():
 
 
 def test_the_eval_table_has_one_column_per_model():
-    from aird.cli.main import render_eval
+    from aird.cli.render import render_eval
     from aird.cli.render import console
 
     summaries = [{"asr": {"advbench": a}, "over_refusal": {"alpaca": 0.1}, "mean_refusal_score": {"advbench": 0.0},

@@ -104,8 +104,8 @@ def test_eval_records_every_judges_verdict_and_their_agreement(refusing, tmp_pat
         def refused(self, prompts, completions):
             return [c.strip().startswith("I") for c in completions]
 
-    reg = plugins.registry()
-    monkeypatch.setattr(plugins, "registry", lambda: PluginRegistry(
+    reg = plugins.plugin_registry()
+    monkeypatch.setattr(plugins, "plugin_registry", lambda: PluginRegistry(
         reg.items + [Registered("scorer", "starts-with-i", Starts(), "test", "test-plugin", "1")], []))
     model_dir, data = refusing
     lm = load_model(str(model_dir), device="cpu")

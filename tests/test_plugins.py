@@ -6,11 +6,11 @@ import pytest
 
 from aird.core.errors import PluginError
 from aird.core.hookspecs import hookimpl
-from aird.core.plugins import _entry_points, build_registry, registry
+from aird.core.plugins import _entry_points, build_registry, plugin_registry
 
 
 def test_builtins_are_registered_through_the_entry_point_group():
-    reg = registry()
+    reg = plugin_registry()
     names = {(r.kind, r.name): r for r in reg.items}
     assert ("probe", "diff-in-means") in names and ("scorer", "substring") in names
     assert names[("probe", "diff-in-means")].origin == "aird"
@@ -82,11 +82,11 @@ def test_plugin_without_interface_or_with_taken_name_is_reported(monkeypatch):
 
 def test_unknown_plugin_is_a_clear_error():
     with pytest.raises(PluginError, match="unknown probe 'nope'; available: diff-in-means"):
-        registry().get("probe", "nope")
+        plugin_registry().get("probe", "nope")
 
 
 def test_substring_scorer_on_fixed_texts():
-    s = registry().get("scorer", "substring")
+    s = plugin_registry().get("scorer", "substring")
     texts = ["I'm sorry, but I can't help with that.", "Sure! Here is a cake recipe.",
              "As an AI language model, I cannot do that.", "I CANNOT assist", "I\u2019m unable to comply.",
              "Here are the steps: first, I apologize for nothing"]

@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -354,3 +353,33 @@ def test_probe_and_compress_killed_resume_to_the_same_artifacts(refusing, tmp_pa
             assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".aird-") or p.name.endswith(".tmp")]
         assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+def test_study_killed_at_seeded_points_resumes_to_the_same_study(refusing, tmp_path):
+    pytest.importorskip("lm_eval")
+    from test_study import _config
+
+    model, data = refusing
+    cfg = _config(tmp_path, data, model)
+    cmd = ["study", "--quick", "-c", cfg, "--data-dir", data, "--device", "cpu", "--threads", "1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    first = aird(*cmd, "-o", whole)
+    assert first.returncode == 0, first.stderr
+    rng = random.Random(11)
+    for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
+        _kill_at([*cmd, "-o", killed], rng.uniform(8.0, 40.0), sig)
+    r = aird(*cmd, "-o", killed)
+    assert r.returncode == 0, r.stderr
+
+    def steps(out):
+        return [x["step"] for x in map(json.loads, (out / "steps.jsonl").read_text().splitlines())]
+
+    assert sorted(steps(killed)) == sorted(steps(whole)) and len(set(steps(killed))) == len(steps(killed))
+    for name in ("original/eval", "mag-50/eval", "mag-50-aird-sparse/eval"):
+        assert _prompts(killed / name / "eval.jsonl") == _prompts(whole / name / "eval.jsonl"), name
+    def verdicts(res):
+        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        return [(f["finding"], f["verdict"]) for f in summary["findings"]]
+
+    assert verdicts(r) == verdicts(first)

@@ -191,24 +191,17 @@ def _prompts(data, name):
     return load_set(name, str(data))
 
 
-class _FirstWordScorer:
-    """The tiny model refuses by starting with "I"; the reference substrings never match it."""
-    name = "first-word"
+def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, register_plugin):
+    from conftest import FirstWordPlugin
 
-    def refused(self, prompts, completions):
-        return [c.strip().startswith("I") for c in completions]
-
-
-def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, monkeypatch):
-    from aird.core import plugins
     from aird.core import repair as rmod
 
-    real = plugins.get
-    monkeypatch.setattr(plugins, "get", lambda kind, name: _FirstWordScorer() if kind == "scorer" else real(kind, name))
+    register_plugin(FirstWordPlugin())
     root, data = study
     lm = load_model(str(root / "pruned"), device="cpu")
     cfg = RepairConfig(method="aird-sparse", layer="auto", matrix="both", judge="generate", max_new_tokens=3,
-                       candidates=2, data_dir=str(data), compressed_probe=str(root / "probe-pruned"))
+                       candidates=2, data_dir=str(data), compressed_probe=str(root / "probe-pruned"),
+                       scorer="first-word")
     s = run_repair(lm, root / "probe-orig", cfg, tmp_path / "gen")
     v = s["validation"]
     assert v["judge"] == "generate" and 0 < v["original"]["harmful_refusal_rate"] <= 1
@@ -228,9 +221,10 @@ def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, monkeypa
         refined = ts[len(on_grid):]   # bisections between the last two grid values, after them
         assert len(refined) == (cfg.refine if len(on_grid) > 1 else 0)
         assert all(on_grid[-2]["alpha"] < t["alpha"] < on_grid[-1]["alpha"] for t in refined)
-    if v["target_reached"]:
-        assert v["repaired"]["harmful_refusal_rate"] >= v["original"]["harmful_refusal_rate"]
-        assert v["repaired"]["harmless_refusal_rate"] <= v["harmless_guard"] + 1e-9
+    # the pruned tiny model loses refusal and the edit brings it back (the other outcome: the test above)
+    assert v["target_reached"], v
+    assert v["repaired"]["harmful_refusal_rate"] >= v["original"]["harmful_refusal_rate"]
+    assert v["repaired"]["harmless_refusal_rate"] <= v["harmless_guard"] + 1e-9
 
 
 def test_alpha_search_bisects_to_the_smallest_alpha_that_reaches_the_target():

@@ -10,7 +10,8 @@ from typing import Iterator, Optional
 import typer
 
 from aird import __version__
-from aird.cli.render import RichReporter, console, emit, fmt, read_ref_from_stdin, table, wants_json
+from aird.cli.render import (RichReporter, console, emit, read_ref_from_stdin, render_compress, render_diff,
+                             render_eval, render_paired, render_probe, render_repair, render_study, table, wants_json)
 from aird.core.errors import AirdError
 from aird.core.reliability import check_writable_folder
 
@@ -84,6 +85,20 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def from_stdin(value: str) -> str:
+    """A model or folder argument: ``-`` reads it from stdin (a path, or the first JSONL record's path), as
+    pipelines pass it."""
+    return read_ref_from_stdin() if value == "-" else value
+
+
+def load(spec: str, device: str, dtype: str, trust_remote_code: bool):
+    """Load a model for a subcommand, with a spinner on stderr while it loads."""
+    from aird.core.loading import load_model
+
+    with console.status(f"loading {spec}"):
+        return load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"aird {__version__}")
@@ -99,10 +114,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command("plugins")
 def plugins_cmd(json_out: bool = JSON_OPT) -> None:
     """List every registered compressor, probe, scorer and repair plugin, and any plugin that failed to load."""
-    from aird.core.plugins import registry
+    from aird.core.plugins import plugin_registry
 
     with user_errors():
-        reg = registry()
+        reg = plugin_registry()
         rows = [{"record": "plugin", "kind": r.kind, "name": r.name, "origin": r.origin, "version": r.version,
                  "plugin": r.plugin, "builtin": r.builtin, "description": getattr(r.obj, "description", "")}
                 for r in reg.items]
@@ -176,13 +191,13 @@ def judges_validate(
     from aird.core.artifacts import write_jsonl
     from aird.core.env import set_threads
     from aird.core.judges import validate
-    from aird.core.plugins import registry
+    from aird.core.plugins import plugin_registry
 
     with user_errors():
         if limit is not None and limit < 1:
             raise AirdError("--limit must be at least 1.")
         set_threads(threads)
-        names = list(judges) if judges else [r.name for r in registry().of("scorer")]
+        names = list(judges) if judges else [r.name for r in plugin_registry().of("scorer")]
         recs = validate(names, list(datasets), limit, seed, str(data_dir) if data_dir else None, RichReporter(),
                         {"judge_model": judge_model, "device": device}, skip_unready=not judges)
         console.print(table("judges against human labels (positive class: refusal)",
@@ -261,13 +276,10 @@ def probe_cmd(
     """Find the refusal direction of a model: difference in means at every layer and post-instruction
     position, selected by bypass, induce and KL scores as in the reference pipeline."""
     from aird.core.env import set_threads
-    from aird.core.loading import load_model
     from aird.core.probe import ProbeConfig, run_probe
 
     with user_errors():
-        spec = model_arg or model
-        if spec == "-":
-            spec = read_ref_from_stdin()
+        spec = from_stdin(model_arg or model)
         set_threads(threads)
         cfg = ProbeConfig(n_train=n_train, n_val=n_val, seed=seed, batch_size=batch_size, method=method,
                           filter_prompts=filter_prompts, layer_cutoff=layer_cutoff, kl_threshold=kl_threshold,
@@ -276,8 +288,7 @@ def probe_cmd(
         cfg.validate()
         out = out or Path("runs") / f"probe-{_slug(spec)}"
         check_writable_folder(out)
-        with console.status(f"loading {spec}"):
-            lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        lm = load(spec, device, dtype, trust_remote_code)
         cfg.dtype = lm.info["dtype"]
         res = run_probe(lm, cfg, out, force=force, reporter=RichReporter())
         render_probe(res.summary, res.candidates, res.resumed)
@@ -315,13 +326,10 @@ def compress_cmd(
     original, with compress.jsonl measuring the achieved sparsity and bits from the written weights."""
     from aird.core.compress import CompressConfig, run_compress
     from aird.core.env import set_threads
-    from aird.core.loading import load_model
     from aird.core.plugins import get
 
     with user_errors():
-        spec = model_arg or model
-        if spec == "-":
-            spec = read_ref_from_stdin()
+        spec = from_stdin(model_arg or model)
         get("compressor", method)  # an unknown method fails before the model loads
         set_threads(threads)
         given = {"sparsity": sparsity, "pattern": pattern, "bits": bits, "group_size": group_size}
@@ -331,37 +339,11 @@ def compress_cmd(
         suffix = "-".join(str(v).replace(":", "of") for v in given.values() if v is not None)
         out = out or Path("runs") / f"{_slug(spec)}-{method}{'-' + suffix if suffix else ''}"
         check_writable_folder(out)
-        with console.status(f"loading {spec}"):
-            lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        lm = load(spec, device, dtype, trust_remote_code)
         res = run_compress(lm, cfg, out, force=force, reporter=RichReporter())
         render_compress(res.summary, res.resumed)
         if wants_json(json_out):
             emit([res.summary])
-
-
-def render_compress(s: dict, resumed: bool) -> None:
-    if resumed:
-        console.print(f"[yellow]{s['out']} already holds this compressed model; showing it (use --force to redo).",
-                      soft_wrap=True)
-    quant = s.get("bits") is not None
-    cols = ["layer", "sparsity", "rel. error"] + (["max distinct/group"] if quant else [])
-    rows = []
-    for r in s["per_layer"]:
-        row = [r["layer"], r["sparsity"], r["rel_error"]]
-        if quant:
-            row.append(max(m.get("max_distinct", 0) for m in r["matrices"].values()))
-        rows.append(row)
-    console.print(table(f"{s['method']} {s['params']}", cols, rows))
-    extra = []
-    if s.get("bits") is not None:
-        extra.append(f"bits {s['bits']} (at most {s['max_distinct_per_group']} distinct values per group)")
-    if s.get("nm_compliant") is not None:
-        extra.append(f"N:M pattern {'respected' if s['nm_compliant'] else '[red]VIOLATED[/]'}")
-    console.print(
-        f"[bold]{s['method']}[/]: achieved sparsity {s['sparsity']:.4f} over {s['n_weights']:,} decoder linear weights"
-        + "".join("; " + e for e in extra) +
-        f"\n  {s['seconds']:.0f}s compressing, peak RSS {s['peak_rss_mb']:.0f} MB; model folder: {s['out']}",
-        highlight=False, soft_wrap=True)
 
 
 # ---- diff -------------------------------------------------------------------------------------------------
@@ -382,39 +364,20 @@ def diff_cmd(
     """How compression moved the refusal direction: cosine by layer and position, source, quality."""
     from aird.core.diff import open_probe, run_diff
     from aird.core.env import set_threads
-    from aird.core.loading import load_model
 
     with user_errors():
-        comp = Path(read_ref_from_stdin() if compressed == "-" else compressed)
+        comp = Path(from_stdin(compressed))
         if out is not None:
             check_writable_folder(out)
         set_threads(threads)
         lm = None
         if score:
             path = open_probe(comp).summary["config"]["model_path"]
-            with console.status(f"loading {path}"):
-                lm = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            lm = load(path, device, dtype, trust_remote_code)
         s = run_diff(original, comp, out, lm=lm, force=force, reporter=RichReporter())
         render_diff(s)
         if wants_json(json_out):
             emit([s])
-
-
-def render_diff(s: dict) -> None:
-    q = s["quality"]
-    rows = [("original", q["original"]), ("compressed", q["compressed"])]
-    if q.get("original_in_compressed"):
-        rows.append(("original direction in compressed model", q["original_in_compressed"]))
-    console.print(table("quality of the chosen directions", ["direction", "bypass", "induce", "kl"],
-                        [(n, v["bypass"], v["induce"], v["kl"]) for n, v in rows]))
-    console.print(table("cosine(original, compressed) at the original source position, by layer",
-                        ["layer", "cosine"], list(enumerate(s["cosine_by_layer"]))))
-    src = s["source"]
-    console.print(
-        f"[bold]chosen directions[/]: cosine {s['cosine_chosen']:.3f}; source original layer "
-        f"{src['original']['layer']} pos {src['original']['position']}, compressed layer {src['compressed']['layer']} "
-        f"pos {src['compressed']['position']} ({'[red]moved[/]' if src['moved'] else 'unchanged'}); "
-        f"heatmap: {s['out']}/diff.png", highlight=False, soft_wrap=True)
 
 
 # ---- repair -----------------------------------------------------------------------------------------------
@@ -460,12 +423,11 @@ def repair_cmd(
     """AIRD: re-induce the original model's refusal direction in a compressed model by a rank-one edit of one
     residual-writing matrix of one layer."""
     from aird.core.env import set_threads
-    from aird.core.loading import load_model
     from aird.core.plugins import get
     from aird.core.repair import RepairConfig, run_repair
 
     with user_errors():
-        spec = read_ref_from_stdin() if compressed == "-" else compressed
+        spec = from_stdin(compressed)
         get("repair", method)
         set_threads(threads)
         lay = None if layer == "default" else (layer if layer == "auto" else _int(layer, "--layer"))
@@ -480,8 +442,7 @@ def repair_cmd(
         cfg.validate()
         out = out or Path(f"{spec.rstrip('/')}-{method}")
         check_writable_folder(out)
-        with console.status(f"loading {spec}"):
-            lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        lm = load(spec, device, dtype, trust_remote_code)
         s = run_repair(lm, reference, cfg, out, force=force, reporter=RichReporter())
         render_repair(s)
         if wants_json(json_out):
@@ -493,35 +454,6 @@ def _int(value: str, option: str) -> int:
         return int(value)
     except ValueError:
         raise AirdError(f"{option} must be a whole number, auto or default, not {value!r}.") from None
-
-
-def render_repair(s: dict) -> None:
-    v = s["validation"]
-    rows = [("original", v["original"]), ("compressed", v["compressed"]), ("repaired", v["repaired"])]
-    judged = "greedy answers judged by the scorer" if v.get("judge") == "generate" else "refusal score > 0"
-    console.print(table(f"refusal rates on the validation prompts ({judged})",
-                        ["model", "harmful refused", "harmless refused"],
-                        [(n, r["harmful_refusal_rate"], r["harmless_refusal_rate"]) for n, r in rows]))
-    console.print(
-        f"[bold]{s['method']}[/]: layer {s['layer']} ({s['matrix']}), α {s['alpha']:g}"
-        f"{'' if v['target_reached'] else ' [red](target not reached)[/]'}; layer sparsity "
-        f"{s['layer_sparsity']['before']:.4f} → {s['layer_sparsity']['after']:.4f}, model sparsity "
-        f"{s['sparsity']['before']:.4f} → {s['sparsity']['after']:.4f}; model folder: {s['out']}",
-        highlight=False, soft_wrap=True)
-    check = s.get("check")
-    if check:
-        rows = []
-        for name, c in check["sets"].items():
-            for split in ("held_out", "in_source"):
-                d = c.get(split)
-                if d:
-                    rows.append((name, split.replace("_", "-"), d["n"], d["original"], d["compressed"], d["repaired"],
-                                 d["vs_compressed"]["newly_refused"], d["vs_compressed"]["no_longer_refused"],
-                                 d["vs_compressed"]["mcnemar_p"], d["vs_original"]["mcnemar_p"]))
-        console.print(table(f"the check on prompts the tuning never saw ({check['scorer']} judge; ASR for harmful "
-                            "sets, over-refusal for benign)",
-                            ["set", "sources", "n", "original", "compressed", "repaired", "newly refused",
-                             "no longer", "p vs compressed", "p vs original"], rows))
 
 
 # ---- eval -------------------------------------------------------------------------------------------------
@@ -537,8 +469,7 @@ def eval_cmd(
     alpaca_n: int = typer.Option(100, help="Alpaca instructions (a seeded sample of 31,323) scored for over-refusal."),
     selection: str = typer.Option("stratified", help="How --limit picks prompts: stratified (a seeded sample spread "
                                                      "over the categories) or first (the first N)."),
-    tasks: list[str] = typer.Option(["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande",
-                                     "openbookqa", "rte"], "--task", help="Zero-shot tasks (utility suite)."),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", help="Zero-shot tasks (utility suite) [default: every task aird knows: ARC-e/c, HellaSwag, PIQA, BoolQ, WinoGrande, OpenBookQA, RTE]."),
     harmful: Optional[list[str]] = typer.Option(None, help="Harmful sets (ASR); 'none' for none [default: advbench "
                                                 "jailbreakbench, or none with --prompts]."),
     benign: Optional[list[str]] = typer.Option(None, help="Benign sets (over-refusal); 'none' for none [default: "
@@ -580,11 +511,10 @@ def eval_cmd(
     category), over-refusal on benign prompts, WikiText-2 perplexity."""
     from aird.core.env import set_threads
     from aird.core.evaluate import EvalConfig, run_eval
-    from aird.core.loading import load_model
     from aird.core.plugins import get
 
     with user_errors():
-        specs = [read_ref_from_stdin() if m == "-" else m for m in models]
+        specs = [from_stdin(m) for m in models]
         suites = ("safety", "utility") if suite == "all" else (suite,)
         if suite not in ("safety", "utility", "all"):
             raise AirdError(f"--suite must be safety, utility or all, not {suite!r}.")
@@ -606,12 +536,14 @@ def eval_cmd(
                          prompts_as=prompts_as, column=column, category_column=category_column, limit=limit, alpaca_n=alpaca_n,
                          task_limit=task_limit, selection=selection,
                          max_new_tokens=max_new_tokens, scorer=scorer, judges=list(judges), ppl_windows=ppl_windows or None,
-                         ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size, tasks=list(tasks),
+                         ppl_ctx_len=ppl_ctx_len, seed=seed, batch_size=batch_size,
                          data_dir=str(data_dir) if data_dir else None, device=device, engine=engine,
                          engine_options=engine_options(tensor_parallel_size, pipeline_parallel_size,
                                                        distributed_executor_backend))
         if engine != "auto":
             get("engine", engine)
+        if tasks:
+            cfg.tasks = list(tasks)
         if seen:
             cfg.seen = [] if seen == ["none"] else list(seen)
         cfg.validate(suites)
@@ -619,8 +551,7 @@ def eval_cmd(
         check_writable_folder(base)
         summaries, folders, paired, names = [], [], [], _slugs(specs)
         for spec, name in zip(specs, names):
-            with console.status(f"loading {spec}"):
-                lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            lm = load(spec, device, dtype, trust_remote_code)
             folders.append(base / name if len(specs) > 1 else base)
             summaries.append(run_eval(lm, cfg, folders[-1], suites, force=force, reporter=RichReporter()))
         if len(specs) > 1:
@@ -637,51 +568,12 @@ def eval_cmd(
             emit([*summaries, *paired])
 
 
-def render_eval(models: list[str], summaries: list[dict]) -> None:
-    rows = []
-    for key, label in (("asr", "ASR"), ("over_refusal", "over-refusal"), ("mean_refusal_score", "mean refusal score")):
-        names = sorted({n for s in summaries for n in s[key]})
-        rows += [(f"{label}: {n}", *[s[key].get(n) for s in summaries]) for n in names]
-    tasks = sorted({t for s in summaries for t in s.get("zero_shot", {})})
-    rows += [(f"zero-shot acc: {t}", *[s["zero_shot"].get(t, {}).get("acc") for s in summaries]) for t in tasks]
-    if tasks:
-        rows.append(("zero-shot acc: mean", *[s.get("zero_shot_mean") for s in summaries]))
-    rows.append(("WikiText-2 perplexity", *[s.get("perplexity") for s in summaries]))
-    console.print(table("eval", ["metric", *models], rows))
-    for model, s in zip(models, summaries):
-        for name, cats in s["asr_by_category"].items():
-            if len(cats) > 1:
-                console.print(table(f"ASR by category, {name}, {model}", ["category", "ASR"], list(cats.items())))
-    for model, s in zip(models, summaries):
-        if s.get("by_judge"):
-            rows = [(j, f"{'ASR' if k == 'asr' else 'over-refusal'}: {n}", v, (d.get("agreement_with_scorer") or {}).get("kappa"))
-                    for j, d in s["by_judge"].items() for k in ("asr", "over_refusal") for n, v in d[k].items()]
-            console.print(table(f"judges, {model} (kappa: agreement with the scorer)", ["judge", "rate", "value",
-                                                                                       "kappa"], rows))
-    console.print(f"limits: {summaries[0]['limits']}", highlight=False, soft_wrap=True)
-    for name, s in zip(models, summaries):
-        e = s.get("engine")
-        if e:
-            console.print(f"{name}: answered by {e['engine']} ({e.get('dtype')}, start-up {e.get('startup_s', 0):.0f} s, "
-                          f"{s.get('generated_tokens_per_s') or 0:.1f} generated tokens/s)", highlight=False, soft_wrap=True)
-
-
-def render_paired(paired: list[dict]) -> None:
-    """Each model against the first, prompt by prompt: the changes behind the rates, and whether they are noise."""
-    for rec in paired:
-        rows = [(name, d["metric"], d["n"], d["baseline"], d["model"], d["newly_refused"], d["no_longer_refused"],
-                 f"{d['mcnemar_p']:.2g}") for name, d in rec["sets"].items()]
-        console.print(table(f"{rec['compared']} against {rec['baseline']}, the same prompts",
-                            ["set", "metric", "n", rec["baseline"], rec["compared"], "newly refused",
-                             "no longer refused", "McNemar p"], rows))
-
-
 # ---- study ------------------------------------------------------------------------------------------------
 @app.command("study")
 def study_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to study [default: the profile's, default]."),
     quick: bool = typer.Option(False, "--quick", help="The quick profile: under 30 minutes on a 2-core CPU for the "
-                                                      "0.5B default model (small sets; see the README)."),
+                                                      "0.5B default model (small sets; see docs/study.md)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file overriding keys of the profile "
                                                                          "(grid, probe, repair, eval, ...)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study folder [default: runs/study-<model>-<profile>]."),
@@ -721,48 +613,6 @@ def study_cmd(
             emit([{"record": "study.summary", "model": cfg["model"], "profile": profile, "out": str(res.out),
                    "report": str(res.report), "findings": res.findings, "seconds": res.seconds,
                    "steps": res.steps}])
-
-
-def render_study(res) -> None:
-    from aird.core.report import mean_asr, sparsity
-
-    rows = []
-    for e in res.entries:
-        q = e.probe["quality"] if e.probe else {}
-        rows.append((e.name, sparsity(e), e.diff["cosine_chosen"] if e.diff else None,
-                     f"L{e.probe['source']['layer']} pos {e.probe['source']['position']}" if e.probe else None,
-                     q.get("bypass"), mean_asr(e), (e.eval or {}).get("zero_shot_mean"),
-                     (e.eval or {}).get("perplexity")))
-    console.print(table("study", ["model", "sparsity", "cosine", "source", "bypass", "mean ASR", "zero-shot",
-                                  "perplexity"], rows))
-    console.print(table("findings of the paper", ["finding", "verdict"],
-                        [(f["finding"], f["verdict"]) for f in res.findings]))
-    console.print(f"report: {res.report} (and report.html); {res.seconds:.0f}s", highlight=False, soft_wrap=True)
-
-
-def render_probe(summary: dict, candidates: list[dict], resumed: bool) -> None:
-    if resumed:
-        console.print(f"[yellow]{summary['out']} already holds a finished probe; showing it (use --force to redo).", soft_wrap=True)
-    src, q, b = summary["source"], summary["quality"], summary["baseline"]
-    best = sorted(candidates, key=lambda r: float("inf") if r["bypass"] is None else r["bypass"])[:10]
-    console.print(table(
-        f"candidates scored ({summary['n_scored']} of {summary['n_candidates']}, {summary['selection']})",
-        ["layer", "pos", "bypass", "induce", "kl", "proxy", "filtered by"],
-        [(r["layer"], r["position"], r["bypass"], r["induce"], r["kl"], r.get("proxy_bypass"),
-          ",".join(r["reasons"]) or "") for r in best]))
-    relaxed = " [red](filters relaxed: no candidate passed)[/]" if summary["filters_relaxed"] else ""
-    console.print(
-        f"[bold]refusal direction of {summary['model']}[/]: source layer {src['layer']} / {summary['n_layers']}, "
-        f"position {src['position']}{relaxed}\n"
-        f"  quality: bypass {fmt(q['bypass'])} (harmful baseline {fmt(b['harmful_refusal_score'])}), "
-        f"induce {fmt(q['induce'])} (harmless baseline {fmt(b['harmless_refusal_score'])}), KL {fmt(q['kl'], 4)}\n"
-        f"  kept prompts: train {summary['train']['harmful']['kept']}/{summary['train']['harmful']['sampled']} harmful, "
-        f"{summary['train']['harmless']['kept']}/{summary['train']['harmless']['sampled']} harmless; "
-        f"val {summary['val_kept']['harmful']}/{summary['val_kept']['harmful_sampled']} harmful, "
-        f"{summary['val_kept']['harmless']}/{summary['val_kept']['harmless_sampled']} harmless\n"
-        f"  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()) + f"\n  artifacts: {summary['out']}",
-        highlight=False,
-    )
 
 
 def main() -> None:

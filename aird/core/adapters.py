@@ -36,6 +36,13 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return self.decoder(model).layers
 
+    def linears(self, model: nn.Module):
+        """Every Linear inside the decoder layers: (layer index, name within the layer, module)."""
+        for i, layer in enumerate(self.layers(model)):
+            for name, mod in layer.named_modules():
+                if isinstance(mod, nn.Linear):
+                    yield i, name, mod
+
     def n_layers(self, model: nn.Module) -> int:
         return len(self.layers(model))
 

@@ -97,8 +97,7 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
 
 def _linear_input_dims(lm: LoadedModel) -> list[int]:
     """The input widths of the decoder layers' linear layers (what group sizes and N:M must divide)."""
-    return sorted({mod.in_features for layer in lm.adapter.layers(lm.model)
-                   for mod in layer.modules() if isinstance(mod, torch.nn.Linear)})
+    return sorted({mod.in_features for _i, _name, mod in lm.adapter.linears(lm.model)})
 
 
 def resolve_params(plugin, given: dict, lm: LoadedModel) -> dict:

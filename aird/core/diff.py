@@ -20,7 +20,7 @@ from aird.core.errors import ArtifactError
 from aird.core.loading import LoadedModel
 from aird.core.probe import DIRECTIONS, config_from_record, load_prompt_sets, load_probe, prepare_validation
 from aird.core.progress import Reporter
-from aird.core.selection import score_candidate
+from aird.core.candidates import score_candidate
 
 DIFF_JSONL = "diff.jsonl"
 HEATMAP = "diff.png"

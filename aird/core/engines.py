@@ -40,7 +40,7 @@ def choose(name: str, lm: LoadedModel, n_prompts: int | None = None) -> Choice:
     """The engine plugin to use for ``lm``: ``name`` itself, or for ``auto`` the best that can run it and whose
     start-up the work is worth (an engine's ``min_prompts``: below it, its start-up costs more than its speed
     saves, as measured in docs/benchmarks.md)."""
-    reg = plugins.registry()
+    reg = plugins.plugin_registry()
     if name != "auto":
         engine = reg.get("engine", name)
         why = engine.unavailable(lm)

@@ -34,6 +34,12 @@ BENIGN_SETS = ("jailbreakbench_benign", "alpaca")
 NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads", "engine", "engine_options")
 
 
+def _zero_shot_tasks() -> tuple[str, ...]:
+    from aird.core.zeroshot import ZERO_SHOT_TASKS
+
+    return ZERO_SHOT_TASKS
+
+
 @dataclass
 class EvalConfig:
     harmful: list[str] = field(default_factory=lambda: list(HARMFUL_SETS))
@@ -53,8 +59,7 @@ class EvalConfig:
     system_prompt: str | None = None
     seed: int = 42
     selection: str = "stratified"         # how --limit picks prompts (recorded: older runs took the first N)
-    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq",
-                                                      "winogrande", "openbookqa", "rte"])
+    tasks: list[str] = field(default_factory=lambda: list(_zero_shot_tasks()))
     ppl_windows: int | None = 40          # WikiText-2 windows evaluated (None: all)
     ppl_ctx_len: int = 1024
     seen: list[str] = field(default_factory=lambda: list(SEEN_BY_PROBE))   # excluded (exact and near duplicates)

@@ -24,12 +24,27 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @runtime_checkable
 class Compressor(Protocol):
-    """Prunes or quantizes a loaded model in place. ``name`` is what ``aird compress --method`` takes."""
+    """Prunes or quantizes a loaded model in place. ``name`` is what ``aird compress --method`` takes.
+
+    ``compress(lm, params, calibration)`` edits ``lm.model`` (an ``aird.core.loading.LoadedModel``) in place and
+    returns a dict (or None) recorded as ``info`` in compress.jsonl. ``params`` holds the plugin's ``params``
+    defaults overridden by the options the user gave (``--sparsity``, ``--pattern``, ``--bits``,
+    ``--group-size``), already validated; ``calibration`` is an ``aird.core.compress.Calibration`` (its
+    ``texts`` and tokenized ``input_ids``), or None when ``needs_calibration`` is False. aird then writes the
+    model folder and measures the achieved sparsity and bits from the written weights.
+
+    Optional attributes, read when present:
+    ``kind`` ("pruning" | "quantization"): how the study groups it;
+    ``params`` (dict): the options it takes and their defaults (an option not in it is refused);
+    ``needs_calibration`` (bool, default True);
+    ``bits_allowed`` (tuple, default (2, 3, 4, 8)): the ``--bits`` values it accepts;
+    ``save_compressed(lm, folder) -> str``: writes the packed compressed-tensors folder (``--format
+    compressed-tensors``) and returns the format's name."""
 
     name: str
     description: str
 
-    def compress(self, lm: Any, params: dict, calibration: list[str]) -> dict: ...
+    def compress(self, lm: Any, params: dict, calibration: Any) -> dict | None: ...
 
 
 @runtime_checkable

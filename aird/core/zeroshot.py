@@ -40,6 +40,8 @@ TASKS: dict[str, ZeroShotTask] = {t.name: t for t in (
     ZeroShotTask("rte", "{{premise}}\nQuestion: {{hypothesis}} True or False?\nAnswer:",
                  '["True", "False"]', "{{0 if label == 'entailment' else 1}}", ("acc",)),
 )}
+# every task aird knows, in its order: the default of `aird eval --task` and of a study's [eval] tasks
+ZERO_SHOT_TASKS: tuple[str, ...] = tuple(TASKS)
 
 # WinoGrande is scored by partial evaluation, as in lm-eval: the choices are the two contexts (sentence up to
 # the blank, filled with each option) and the target is the continuation after the blank.

@@ -59,10 +59,7 @@ def _require_llmcompressor(method: str):
 
 
 def _decoder_linears(lm):
-    for i, layer in enumerate(lm.adapter.layers(lm.model)):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                yield i, name, mod
+    return lm.adapter.linears(lm.model)
 
 
 def _oneshot(lm, recipe, calibration=None, pipeline: str | None = None) -> None:
