@@ -17,3 +17,19 @@ def test_every_subcommand_has_a_page_or_a_section():
                  "reliability", "artifacts", "cli"):
         assert (DOCS / f"{page}.md").is_file(), page
         assert f"docs/{page}.md" in readme, page
+
+
+def test_study_default_toml_is_in_sync_and_is_the_full_profile():
+
+    from aird.core.study import resolve_config, section_keys
+
+    root = DOCS.parent
+    mod = runpy.run_path(str(root / "scripts" / "study_toml.py"))
+    path = root / "aird" / "study.default.toml"
+    assert path.read_text() == mod["render"](), "aird/study.default.toml is stale: run python scripts/study_toml.py"
+    assert resolve_config("full", path) == resolve_config("full")   # its active lines are the full profile
+    text = path.read_text()
+    for section, known in section_keys().items():   # every key a section takes is documented, once
+        body = text.split(f"[{section}]", 1)[1].split("\n[", 1)[0]
+        keys = [ln.split(" (", 1)[0][2:] for ln in body.splitlines() if ln.startswith("# ") and " (" in ln]
+        assert sorted(keys) == sorted(known), section

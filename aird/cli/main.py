@@ -12,6 +12,7 @@ import typer
 from aird import __version__
 from aird.cli.render import (RichReporter, console, emit, read_ref_from_stdin, render_compress, render_diff,
                              render_eval, render_paired, render_probe, render_repair, render_study, table, wants_json)
+from aird.core.configs import CompressConfig, EvalConfig, ProbeConfig, RepairConfig
 from aird.core.errors import AirdError
 from aird.core.reliability import check_writable_folder
 
@@ -252,18 +253,18 @@ def probe_cmd(
     model: str = typer.Option("default", "--model", "-m",
                               help="Named model, model folder, .gguf file, hub id, or - to read a path from stdin."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: runs/probe-<model>]."),
-    n_train: int = typer.Option(128, help="Harmful and harmless training prompts, each (seeded sample)."),
-    n_val: int = typer.Option(32, help="Harmful and harmless validation prompts, each."),
-    seed: int = typer.Option(42),
-    batch_size: int = typer.Option(16),
-    top_k: int = typer.Option(3, help="Score candidates in order of the attribution proxy until this many pass the filters."),
-    max_scored: int = typer.Option(30, help="... or until this many have been scored."),
+    n_train: int = typer.Option(ProbeConfig.n_train, help="Harmful and harmless training prompts, each (seeded sample)."),
+    n_val: int = typer.Option(ProbeConfig.n_val, help="Harmful and harmless validation prompts, each."),
+    seed: int = typer.Option(ProbeConfig.seed),
+    batch_size: int = typer.Option(ProbeConfig.batch_size),
+    top_k: int = typer.Option(ProbeConfig.top_k, help="Score candidates in order of the attribution proxy until this many pass the filters."),
+    max_scored: int = typer.Option(ProbeConfig.max_scored, help="... or until this many have been scored."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Score every candidate (the reference behaviour; slow)."),
-    filter_prompts: bool = typer.Option(True, "--filter/--no-filter",
+    filter_prompts: bool = typer.Option(ProbeConfig.filter_prompts, "--filter/--no-filter",
                                         help="Keep harmful prompts the model refuses and harmless ones it answers."),
-    layer_cutoff: float = typer.Option(0.8, help="Candidates must come from layers below cutoff × n_layers."),
-    kl_threshold: float = typer.Option(0.1, help="Maximum KL on harmless prompts under ablation."),
-    method: str = typer.Option("diff-in-means", help="Probe plugin (see `aird plugins`)."),
+    layer_cutoff: float = typer.Option(ProbeConfig.layer_cutoff, help="Candidates must come from layers below cutoff × n_layers."),
+    kl_threshold: float = typer.Option(ProbeConfig.kl_threshold, help="Maximum KL on harmless prompts under ablation."),
+    method: str = typer.Option(ProbeConfig.method, help="Probe plugin (see `aird plugins`)."),
     system_prompt: Optional[str] = typer.Option(None, help="System prompt [default: the chat template's own]."),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
@@ -276,7 +277,7 @@ def probe_cmd(
     """Find the refusal direction of a model: difference in means at every layer and post-instruction
     position, selected by bypass, induce and KL scores as in the reference pipeline."""
     from aird.core.env import set_threads
-    from aird.core.probe import ProbeConfig, run_probe
+    from aird.core.probe import run_probe
 
     with user_errors():
         spec = from_stdin(model_arg or model)
@@ -307,13 +308,13 @@ def compress_cmd(
     pattern: Optional[str] = typer.Option(None, help="Pruning: N:M semi-structured (N non-zeros in every M), e.g. 2:4."),
     bits: Optional[int] = typer.Option(None, help="Quantization: weight bits (4 or 8)."),
     group_size: Optional[int] = typer.Option(None, help="Quantization: weights per scale along the input dimension."),
-    calib: str = typer.Option("harmless", help="Calibration data: harmless (chat-formatted instructions) or wikitext."),
-    calib_samples: int = typer.Option(64, help="Calibration samples."),
-    calib_seq_len: int = typer.Option(512, help="Maximum tokens per calibration sample."),
-    fmt: str = typer.Option("auto", "--format", help="Quantizers' folder format: dense (quantize-dequantized weights "
+    calib: str = typer.Option(CompressConfig.calib, help="Calibration data: harmless (chat-formatted instructions) or wikitext."),
+    calib_samples: int = typer.Option(CompressConfig.calib_samples, help="Calibration samples."),
+    calib_seq_len: int = typer.Option(CompressConfig.calib_seq_len, help="Maximum tokens per calibration sample."),
+    fmt: str = typer.Option(CompressConfig.format, "--format", help="Quantizers' folder format: dense (quantize-dequantized weights "
                             "in the torch dtype, loads anywhere), compressed-tensors (packed low-bit weights, for "
                             "vLLM), or auto (compressed-tensors on CUDA, dense on a CPU)."),
-    seed: int = typer.Option(42),
+    seed: int = typer.Option(CompressConfig.seed),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
@@ -324,7 +325,7 @@ def compress_cmd(
 ) -> None:
     """Prune or quantize a model with a compressor plugin and write a model folder that loads like the
     original, with compress.jsonl measuring the achieved sparsity and bits from the written weights."""
-    from aird.core.compress import CompressConfig, run_compress
+    from aird.core.compress import run_compress
     from aird.core.env import set_threads
     from aird.core.plugins import get
 
@@ -386,32 +387,32 @@ def repair_cmd(
     compressed: str = typer.Argument(..., help="The compressed model folder (or - to read it from stdin)."),
     reference: Path = typer.Option(..., "--reference", "-r", help="Probe folder of the ORIGINAL model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: COMPRESSED-aird]."),
-    method: str = typer.Option("aird", help="Repair plugin: aird (dense rank-one), aird-sparse (keeps sparsity), "
+    method: str = typer.Option(RepairConfig.method, help="Repair plugin: aird (dense rank-one), aird-sparse (keeps sparsity), "
                                             "aird-ridge or aird-ridge-sparse (fitted to the original's projections)."),
     layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), or auto "
                                               "(the matrices that write r̂ most selectively on harmful prompts)."),
-    matrix: str = typer.Option("both", help="attn (o_proj), mlp (down_proj) or both (with --layer auto: either)."),
-    alpha: str = typer.Option("auto", help="Edit strength, or auto (smallest that restores the refusal rate)."),
-    judge: str = typer.Option("generate", help="How α auto judges refusal: generate (greedy answers and the scorer, "
+    matrix: str = typer.Option(RepairConfig.matrix, help="attn (o_proj), mlp (down_proj) or both (with --layer auto: either)."),
+    alpha: str = typer.Option(RepairConfig.alpha, help="Edit strength, or auto (smallest that restores the refusal rate)."),
+    judge: str = typer.Option(RepairConfig.judge, help="How α auto judges refusal: generate (greedy answers and the scorer, "
                                                "as eval does) or score (first-token refusal score > 0; cheaper)."),
-    candidates: int = typer.Option(2, help="With --layer auto: how many of the best-ranked matrices to search."),
-    refine: int = typer.Option(2, help="--alpha auto with the generate judge: bisections between the last two grid "
+    candidates: int = typer.Option(RepairConfig.candidates, help="With --layer auto: how many of the best-ranked matrices to search."),
+    refine: int = typer.Option(RepairConfig.refine, help="--alpha auto with the generate judge: bisections between the last two grid "
                                "values (each costs one validation run)."),
-    max_new_tokens: int = typer.Option(24, help="Answer length of the generate judge."),
-    scorer: str = typer.Option("substring", help="Scorer plugin of the generate judge."),
+    max_new_tokens: int = typer.Option(RepairConfig.max_new_tokens, help="Answer length of the generate judge."),
+    scorer: str = typer.Option(RepairConfig.scorer, help="Scorer plugin of the generate judge."),
     compressed_probe: Optional[Path] = typer.Option(None, help="Probe folder of the compressed model (its source layer)."),
-    guard: float = typer.Option(0.02, help="Allowed rise of the harmless refusal rate."),
+    guard: float = typer.Option(RepairConfig.guard, help="Allowed rise of the harmless refusal rate."),
     tune_on: Optional[list[str]] = typer.Option(None, "--tune-on", help="Sets α is searched on (harmful and benign; "
                                                 "see `aird data`) [default: the probe's validation splits]."),
-    tune_limit: int = typer.Option(32, help="Prompts per --tune-on set (stratified, seeded)."),
+    tune_limit: int = typer.Option(RepairConfig.tune_limit, help="Prompts per --tune-on set (stratified, seeded)."),
     check_on: Optional[list[str]] = typer.Option(None, "--check-on", help="Sets the repair is checked on after it "
                                                  "is chosen, with every prompt the probe or the tuning saw left out; "
                                                  "'none' skips [default: jailbreakbench xstest_unsafe "
                                                  "jailbreakbench_benign xstest_safe]."),
-    check_limit: int = typer.Option(50, help="Prompts per --check-on set (stratified, seeded)."),
+    check_limit: int = typer.Option(RepairConfig.check_limit, help="Prompts per --check-on set (stratified, seeded)."),
     ridge: Optional[float] = typer.Option(None, help="Fitting methods: relative ridge [default: chosen by "
                                                      "cross-validation over whole prompts]."),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(RepairConfig.batch_size),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
@@ -424,7 +425,7 @@ def repair_cmd(
     residual-writing matrix of one layer."""
     from aird.core.env import set_threads
     from aird.core.plugins import get
-    from aird.core.repair import RepairConfig, run_repair
+    from aird.core.repair import run_repair
 
     with user_errors():
         spec = from_stdin(compressed)
@@ -466,8 +467,8 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="At most this many prompts per set and examples per zero-shot "
                                                    "task (quick runs; recorded)."),
     task_limit: Optional[int] = typer.Option(None, help="Examples per zero-shot task, when it should differ from --limit."),
-    alpaca_n: int = typer.Option(100, help="Alpaca instructions (a seeded sample of 31,323) scored for over-refusal."),
-    selection: str = typer.Option("stratified", help="How --limit picks prompts: stratified (a seeded sample spread "
+    alpaca_n: int = typer.Option(EvalConfig.alpaca_n, help="Alpaca instructions (a seeded sample of 31,323) scored for over-refusal."),
+    selection: str = typer.Option(EvalConfig.selection, help="How --limit picks prompts: stratified (a seeded sample spread "
                                                      "over the categories) or first (the first N)."),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="Zero-shot tasks (utility suite) [default: every task aird knows: ARC-e/c, HellaSwag, PIQA, BoolQ, WinoGrande, OpenBookQA, RTE]."),
     harmful: Optional[list[str]] = typer.Option(None, help="Harmful sets (ASR); 'none' for none [default: advbench "
@@ -476,25 +477,25 @@ def eval_cmd(
                                                "jailbreakbench_benign alpaca, or none with --prompts]."),
     jailbreaks: list[str] = typer.Option([], "--jailbreak", help="Jailbreak sets, each reported as its own attack: "
                                          "jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild."),
-    wild_templates: int = typer.Option(5, help="In-the-wild templates sampled for --jailbreak wild."),
+    wild_templates: int = typer.Option(EvalConfig.wild_templates, help="In-the-wild templates sampled for --jailbreak wild."),
     seen: Optional[list[str]] = typer.Option(None, "--seen", help="Sets the probe or the repair saw: their prompts, "
                                              "word for word or nearly, are left out of every evaluated set (counts "
                                              "recorded); 'none' keeps every prompt [default: harmful_train "
                                              "harmful_val harmless_train harmless_val]."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Your own prompt file: CSV, JSON or JSONL."),
-    prompts_as: str = typer.Option("harmful", "--as", help="Score --prompts as harmful (ASR) or benign (over-refusal)."),
+    prompts_as: str = typer.Option(EvalConfig.prompts_as, "--as", help="Score --prompts as harmful (ASR) or benign (over-refusal)."),
     column: Optional[str] = typer.Option(None, help="Text column of --prompts."),
     category_column: Optional[str] = typer.Option(None, help="Category column of --prompts."),
-    max_new_tokens: int = typer.Option(64),
-    scorer: str = typer.Option("substring", help="Scorer plugin that judges refusals."),
+    max_new_tokens: int = typer.Option(EvalConfig.max_new_tokens),
+    scorer: str = typer.Option(EvalConfig.scorer, help="Scorer plugin that judges refusals."),
     judges: list[str] = typer.Option([], "--judge", help="More judges (scorer plugins), each verdict recorded beside "
                                      "the scorer's, with ASR under each and agreement (kappa) with the scorer."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", envvar="AIRD_JUDGE_MODEL",
                                               help="The llm judge's model [default: qwen2.5-coder-1.5b-instruct]."),
-    ppl_windows: int = typer.Option(40, help="WikiText-2 windows of --ppl-ctx-len tokens (0: all)."),
-    ppl_ctx_len: int = typer.Option(1024),
-    batch_size: int = typer.Option(16),
-    seed: int = typer.Option(42),
+    ppl_windows: int = typer.Option(EvalConfig.ppl_windows, help="WikiText-2 windows of --ppl-ctx-len tokens (0: all)."),
+    ppl_ctx_len: int = typer.Option(EvalConfig.ppl_ctx_len),
+    batch_size: int = typer.Option(EvalConfig.batch_size),
+    seed: int = typer.Option(EvalConfig.seed),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
     dtype: str = DTYPE_OPT,
@@ -510,7 +511,7 @@ def eval_cmd(
     """Safety and utility of one or more models: ASR on AdvBench and JailbreakBench (overall and per
     category), over-refusal on benign prompts, WikiText-2 perplexity."""
     from aird.core.env import set_threads
-    from aird.core.evaluate import EvalConfig, run_eval
+    from aird.core.evaluate import run_eval
     from aird.core.plugins import get
 
     with user_errors():
@@ -523,7 +524,7 @@ def eval_cmd(
             if hasattr(obj, "configure"):
                 obj.configure(judge_model=judge_model, device=device)
         set_threads(threads)
-        from aird.core.evaluate import BENIGN_SETS, HARMFUL_SETS
+        from aird.core.configs import BENIGN_SETS, HARMFUL_SETS
 
         def chosen(given: Optional[list[str]], default: tuple[str, ...]) -> list[str]:
             if given is None:   # --prompts alone evaluates the file alone

@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from aird.core.data import load_set, sample, wikitext_text
 from aird.core.errors import AirdError
 from aird.core.loading import LoadedModel, save_model_folder
 from aird.core.measure import LazyTensors, decoder_linear_weights, summarize
+from aird.core.configs import CompressConfig  # noqa: F401  (re-exported)
 from aird.core.progress import Reporter
 from aird.core.reliability import clean_stale_scratch, scratch_prefix
 
@@ -48,19 +49,6 @@ class Calibration:
     @property
     def n_tokens(self) -> int:
         return sum(map(len, self.input_ids))
-
-
-@dataclass
-class CompressConfig:
-    method: str
-    params: dict = field(default_factory=dict)   # only what the user gave; defaults come from the plugin
-    calib: str = "harmless"                      # harmless | wikitext
-    calib_samples: int = 64
-    calib_seq_len: int = 512
-    seed: int = 42
-    data_dir: str | None = None
-    device: str | None = None
-    format: str = "auto"                         # auto | dense | compressed-tensors
 
 
 FORMATS = ("auto", "dense", "compressed-tensors")

@@ -11,7 +11,6 @@ the engine returns none. So an engine changes the answers at most, never the sco
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -20,15 +19,10 @@ import torch
 
 from aird.core import plugins
 from aird.core.directions import refusal_scores
+from aird.core.configs import default_engine  # noqa: F401  (re-exported)
 from aird.core.errors import AirdError
 from aird.core.forward import make_batches, run_model
 from aird.core.loading import LoadedModel
-
-def default_engine() -> str:
-    """``$AIRD_ENGINE`` when set (the test suite sets ``hf``: tiny models are not worth vLLM's start-up), else
-    ``auto``."""
-    return os.environ.get("AIRD_ENGINE") or "auto"
-
 
 @dataclass
 class Choice:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from aird.core import plugins
 from aird.core.artifacts import Run, append_jsonl, check_resumable, read_jsonl, write_jsonl
 from aird.core.data import Prompt, load_jailbreak, load_prompt_file, load_set, sample, stratified, wikitext_text
-from aird.core.engines import answer, default_engine, session
+from aird.core.engines import answer, session
+from aird.core.configs import BENIGN_SETS, HARMFUL_SETS, SEEN_BY_PROBE, EvalConfig  # noqa: F401  (re-exported)
 from aird.core.errors import AirdError
 from aird.core.generate import BatchedSession
-from aird.core.sources import SEEN_BY_PROBE, exclude_seen, origin_of, seen_index
+from aird.core.sources import exclude_seen, origin_of, seen_index
 from aird.core.loading import LoadedModel
 from aird.core.plots import plot_asr
 from aird.core.progress import Reporter
@@ -27,78 +28,9 @@ from aird.core.progress import Reporter
 EVAL_JSONL = "eval.jsonl"
 COMPARISON_JSONL = "comparison.jsonl"
 ASR_PLOT = "asr_by_category.png"
-HARMFUL_SETS = ("advbench", "jailbreakbench")
-BENIGN_SETS = ("jailbreakbench_benign", "alpaca")
 # what may change between a run and its resumption: how answers are computed, not what is asked (every prompt
 # record names the engine that answered it)
 NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads", "engine", "engine_options")
-
-
-def _zero_shot_tasks() -> tuple[str, ...]:
-    from aird.core.zeroshot import ZERO_SHOT_TASKS
-
-    return ZERO_SHOT_TASKS
-
-
-@dataclass
-class EvalConfig:
-    harmful: list[str] = field(default_factory=lambda: list(HARMFUL_SETS))
-    benign: list[str] = field(default_factory=lambda: list(BENIGN_SETS))
-    jailbreaks: list[str] = field(default_factory=list)   # jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild
-    wild_templates: int = 5
-    prompts_file: str | None = None
-    prompts_as: str = "harmful"
-    column: str | None = None
-    category_column: str | None = None
-    limit: int | None = None              # prompts per set (spread over its categories, seeded)
-    task_limit: int | None = None         # examples per zero-shot task (None: same as limit)
-    alpaca_n: int = 100
-    max_new_tokens: int = 64
-    scorer: str = "substring"             # the judge whose verdicts make ASR and over-refusal
-    judges: list[str] = field(default_factory=list)   # more judges, each verdict recorded beside the scorer's
-    system_prompt: str | None = None
-    seed: int = 42
-    selection: str = "stratified"         # how --limit picks prompts (recorded: older runs took the first N)
-    tasks: list[str] = field(default_factory=lambda: list(_zero_shot_tasks()))
-    ppl_windows: int | None = 40          # WikiText-2 windows evaluated (None: all)
-    ppl_ctx_len: int = 1024
-    seen: list[str] = field(default_factory=lambda: list(SEEN_BY_PROBE))   # excluded (exact and near duplicates)
-    batch_size: int = 16
-    data_dir: str | None = None
-    device: str | None = None
-    engine: str = field(default_factory=default_engine)   # generation engine plugin: auto | hf | vllm | a plugin's
-    engine_options: dict = field(default_factory=dict)   # passed to the engine (vLLM: tensor_parallel_size, ...)
-
-    def validate(self, suites: tuple[str, ...] = ("safety", "utility")) -> None:
-        """Every option checked before a model loads: a bad value must not surface after an hour of answers."""
-        from aird.core.data import JAILBREAKS, SETS
-        from aird.core.zeroshot import TASKS
-
-        for name, value, least in (("--limit", self.limit, 1), ("--task-limit", self.task_limit, 1),
-                                   ("--alpaca-n", self.alpaca_n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
-                                   ("--batch-size", self.batch_size, 1), ("--ppl-ctx-len", self.ppl_ctx_len, 16),
-                                   ("--ppl-windows", self.ppl_windows, 1), ("--wild-templates", self.wild_templates, 1)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
-                raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")
-        if self.selection not in ("stratified", "first"):
-            raise AirdError(f"--selection must be stratified or first, not {self.selection!r}.")
-        if self.prompts_as not in ("harmful", "benign"):
-            raise AirdError(f"--as must be harmful or benign, not {self.prompts_as!r}.")
-        for role, names, known in (("harmful", self.harmful, SETS), ("benign", self.benign, SETS),
-                                   ("jailbreak", self.jailbreaks, JAILBREAKS)):
-            for n in names:
-                if n not in known:
-                    raise AirdError(f"unknown {role} set {n!r}; known: {', '.join(known)} (see `aird data`).")
-        if "utility" in suites:
-            for t in self.tasks:
-                if t not in TASKS:
-                    raise AirdError(f"unknown zero-shot task {t!r}; known: {', '.join(TASKS)}.")
-        if "safety" in suites and not (self.harmful or self.benign or self.jailbreaks or self.prompts_file):
-            raise AirdError("no prompt set to evaluate: name --harmful, --benign, --jailbreak or --prompts.")
-
-    @property
-    def tasks_limit(self) -> int | None:
-        return self.task_limit if self.task_limit is not None else self.limit
 
 
 def prompt_file_set_name(path: str) -> str:

@@ -32,6 +32,7 @@ from aird.core.forward import last_logits, make_batches, run_model
 from aird.core.loading import LoadedModel
 from aird.core.progress import Reporter
 from aird.core.reliability import texts_fingerprint
+from aird.core.configs import ProbeConfig  # noqa: F401  (re-exported: aird.core.probe.ProbeConfig)
 from aird.core.candidates import Scores, ValSet, attribution_bypass, score_candidate
 
 PROBE_JSONL = "probe.jsonl"
@@ -39,40 +40,6 @@ DIRECTIONS = "directions.safetensors"
 PLOT = "probe.png"
 # options that do not change the result: a rerun with other values may resume
 NON_SEMANTIC = ("batch_size", "device", "data_dir", "threads")
-
-
-@dataclass
-class ProbeConfig:
-    n_train: int = 128
-    n_val: int = 32
-    seed: int = 42
-    batch_size: int = 16
-    method: str = "diff-in-means"
-    filter_prompts: bool = True
-    layer_cutoff: float = 0.8
-    kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
-    top_k: int = 3                       # best-first: stop once this many candidates pass the filters
-    max_scored: int = 30                 # ... or once this many have been scored
-    exhaustive: bool = False
-    system_prompt: str | None = None     # None: the chat template's own default
-    harmful_train: str = "harmful_train"
-    harmless_train: str = "harmless_train"
-    harmful_val: str = "harmful_val"
-    harmless_val: str = "harmless_val"
-    data_dir: str | None = None
-    device: str | None = None
-    dtype: str | None = None             # recorded: results depend on it
-
-    def validate(self) -> None:
-        if self.n_train < 2 or self.n_val < 1:
-            raise AirdError("--n-train must be at least 2 and --n-val at least 1.")
-        if not 0 < self.layer_cutoff <= 1:
-            raise AirdError("--layer-cutoff must be in (0, 1].")
-        if self.top_k < 1 or self.max_scored < 1:
-            raise AirdError("--top-k and --max-scored must be at least 1.")
-        if self.batch_size < 1:
-            raise AirdError("--batch-size must be at least 1.")
 
 
 @dataclass

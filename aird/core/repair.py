@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -43,72 +43,16 @@ from aird.core.forward import make_batches, run_model
 from aird.core.loading import LoadedModel, save_model_folder
 from aird.core.measure import decoder_linear_weights, summarize
 from aird.core.probe import format_prompts, config_from_record, load_prompt_sets
+from aird.core.configs import CHECK_SETS, JUDGES, RepairConfig  # noqa: F401  (re-exported)
 from aird.core.progress import Reporter
 
 REPAIR_JSONL = "repair.jsonl"
 ALPHA_GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 GEN_ALPHA_GRID = (2.0, 4.0, 8.0, 16.0, 32.0)    # the generation judge: fewer, wider steps (each costs more)
-JUDGES = ("generate", "score")
 # Checked after every repair by default: harmful and benign sets from sources the reference splits (which the
 # probe reads and the repair tunes on) are not drawn from, with every seen prompt left out (aird.core.sources).
-CHECK_SETS = ("jailbreakbench", "xstest_unsafe", "jailbreakbench_benign", "xstest_safe")
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 NON_SEMANTIC = ("device", "data_dir", "threads", "batch_size")
-
-
-@dataclass
-class RepairConfig:
-    method: str = "aird"
-    layer: int | str | None = None      # None: source − 1; int; "auto"
-    matrix: str = "both"                 # attn | mlp | both
-    alpha: float | str = "auto"
-    guard: float = 0.02                  # harmless refusal rate may rise at most this much
-    judge: str = "generate"              # generate (as eval judges) | score (first-token refusal score > 0)
-    scorer: str = "substring"            # the scorer plugin of the generate judge
-    max_new_tokens: int = 24             # the generate judge's answer length (refusal phrases come first)
-    candidates: int = 2                  # layer auto: how many of the best-ranked (layer, matrix) to search
-    refine: int = 2                      # generate judge: bisections between the last two grid α
-    compressed_probe: str | None = None
-    tune_on: list[str] | None = None     # α search prompts: None = the probe's validation splits; else named sets
-    tune_limit: int = 32                 # prompts per named tuning set (stratified, seeded)
-    check_on: list[str] = field(default_factory=lambda: list(CHECK_SETS))   # held-out check after the repair
-    check_limit: int = 50                # prompts per check set (stratified, seeded); 0 or [] skips the check
-    ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
-    batch_size: int = 16
-    data_dir: str | None = None
-    device: str | None = None
-
-    def validate(self) -> None:
-        """Every option checked before a model loads (a bad one must not cost the user a search first)."""
-        import math
-
-        self.matrices()
-        if self.judge not in JUDGES:
-            raise AirdError(f"--judge must be {' or '.join(JUDGES)}, not {self.judge!r}.")
-        if self.alpha != "auto":
-            try:
-                a = float(self.alpha)
-            except (TypeError, ValueError):
-                raise AirdError(f"--alpha must be a number or auto, not {self.alpha!r}.") from None
-            if not math.isfinite(a) or not a > -1:
-                raise AirdError("--alpha must be a finite number greater than -1 (α = -1 removes the direction "
-                                "entirely), or auto.")
-        for name, value, least in (("--candidates", self.candidates, 1), ("--refine", self.refine, 0),
-                                   ("--max-new-tokens", self.max_new_tokens, 1), ("--tune-limit", self.tune_limit, 1),
-                                   ("--check-limit", self.check_limit, 0), ("--batch-size", self.batch_size, 1)):
-            if not isinstance(value, int) or value < least:
-                raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")
-        if not 0 <= self.guard < 1:
-            raise AirdError(f"--guard must be in [0, 1), not {self.guard!r}.")
-        if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
-            raise AirdError(f"--ridge must be a positive number, not {self.ridge!r}.")
-        if isinstance(self.layer, int) and self.layer < 0:
-            raise AirdError(f"--layer must be at least 0, not {self.layer}.")
-
-    def matrices(self) -> list[str]:
-        if self.matrix not in ("attn", "mlp", "both"):
-            raise AirdError(f"--matrix must be attn, mlp or both, not {self.matrix!r}.")
-        return ["attn", "mlp"] if self.matrix == "both" else [self.matrix]
 
 
 class _Evaluator:

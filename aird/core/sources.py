@@ -26,7 +26,7 @@ from typing import Iterable
 from aird.core.data import CATALOGUE, Prompt, load_set
 
 # What a probe reads with its default configuration (and what repair ranks and tunes on by default).
-SEEN_BY_PROBE = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
+from aird.core.configs import SEEN_BY_PROBE  # noqa: E402,F401  (re-exported)
 NEAR_DUPLICATE = 0.5
 MIN_SHARED = 3          # and at least this many content words in common: short questions match by chance
 

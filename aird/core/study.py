@@ -144,6 +144,19 @@ def _type_name(hint) -> str:
     return hint if isinstance(hint, str) else getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def section_keys() -> dict[str, dict]:
+    """The keys each section of a study file takes, with their types: the fields of the subcommand's
+    configuration it becomes (aird/core/configs.py), less what the study sets itself, plus the study's own."""
+    from aird.core.configs import CompressConfig, EvalConfig, ProbeConfig, RepairConfig
+
+    return {
+        "calibration": {k: t for k, t in _hints(CompressConfig).items() if k not in _STUDY_SETS + ("method", "params")},
+        "probe": {k: t for k, t in _hints(ProbeConfig).items() if k not in _STUDY_SETS + ("dtype",)},
+        "repair": {**_REPAIR_OWN, **{k: t for k, t in _hints(RepairConfig).items() if k in REPAIR_KEYS}},
+        "eval": {k: t for k, t in _hints(EvalConfig).items() if k not in _STUDY_SETS},
+    }
+
+
 def check_config(cfg: dict, where: str) -> None:
     """Every key of every section known and of the right type, every grid name a plain folder name, and every
     section's values valid for its subcommand: all before the study's first step, not hours into it."""
@@ -165,14 +178,7 @@ def check_config(cfg: dict, where: str) -> None:
                 raise AirdError(f"{where}: [{section}] {k} must be {_type_name(known[k])}, not {v!r}.")
 
     check("study", {k: v for k, v in cfg.items() if k in _TOP}, _TOP)
-    sections = {
-        "probe": {k: t for k, t in _hints(ProbeConfig).items() if k not in _STUDY_SETS + ("dtype",)},
-        "eval": {k: t for k, t in _hints(EvalConfig).items() if k not in _STUDY_SETS},
-        "calibration": {k: t for k, t in _hints(__import__("aird.core.compress", fromlist=["x"]).CompressConfig).items()
-                        if k not in _STUDY_SETS + ("method", "params")},
-        "repair": {**_REPAIR_OWN, **{k: t for k, t in _hints(RepairConfig).items() if k in REPAIR_KEYS}},
-    }
-    for name, known in sections.items():
+    for name, known in section_keys().items():
         check(name, cfg[name], known)
     for g in cfg["grid"]:
         if not isinstance(g, dict):

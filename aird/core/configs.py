@@ -1,0 +1,193 @@
+"""The configuration of each step, in one place: the defaults of the subcommands' options (the CLI reads them
+from here), of a study file's sections, and of the library's ``run_*`` functions; and each step's checks of its
+values, run before any model loads. This module imports nothing heavy (no torch), so the CLI can read it at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from aird.core.errors import AirdError
+
+# the sets the probe reads (the reference splits): left out of every evaluation
+SEEN_BY_PROBE = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
+HARMFUL_SETS = ("advbench", "jailbreakbench")                 # eval's default harmful sets (ASR)
+BENIGN_SETS = ("jailbreakbench_benign", "alpaca")             # eval's default benign sets (over-refusal)
+CHECK_SETS = ("jailbreakbench", "xstest_unsafe", "jailbreakbench_benign", "xstest_safe")   # repair's held-out check
+JUDGES = ("generate", "score")                                # how repair's α search judges refusal
+
+
+def default_engine() -> str:
+    """``$AIRD_ENGINE`` when set (the test suite sets ``hf``: tiny models are not worth vLLM's start-up), else
+    ``auto``."""
+    return os.environ.get("AIRD_ENGINE") or "auto"
+
+
+def _zero_shot_tasks() -> tuple[str, ...]:
+    from aird.core.zeroshot import ZERO_SHOT_TASKS
+
+    return ZERO_SHOT_TASKS
+
+
+@dataclass
+class ProbeConfig:
+    n_train: int = 128
+    n_val: int = 32
+    seed: int = 42
+    batch_size: int = 16
+    method: str = "diff-in-means"
+    filter_prompts: bool = True
+    layer_cutoff: float = 0.8
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    top_k: int = 3                       # best-first: stop once this many candidates pass the filters
+    max_scored: int = 30                 # ... or once this many have been scored
+    exhaustive: bool = False
+    system_prompt: str | None = None     # None: the chat template's own default
+    harmful_train: str = "harmful_train"
+    harmless_train: str = "harmless_train"
+    harmful_val: str = "harmful_val"
+    harmless_val: str = "harmless_val"
+    data_dir: str | None = None
+    device: str | None = None
+    dtype: str | None = None             # recorded: results depend on it
+
+    def validate(self) -> None:
+        if self.n_train < 2 or self.n_val < 1:
+            raise AirdError("--n-train must be at least 2 and --n-val at least 1.")
+        if not 0 < self.layer_cutoff <= 1:
+            raise AirdError("--layer-cutoff must be in (0, 1].")
+        if self.top_k < 1 or self.max_scored < 1:
+            raise AirdError("--top-k and --max-scored must be at least 1.")
+        if self.batch_size < 1:
+            raise AirdError("--batch-size must be at least 1.")
+
+
+@dataclass
+class CompressConfig:
+    method: str
+    params: dict = field(default_factory=dict)   # only what the user gave; defaults come from the plugin
+    calib: str = "harmless"                      # harmless | wikitext
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    seed: int = 42
+    data_dir: str | None = None
+    device: str | None = None
+    format: str = "auto"                         # auto | dense | compressed-tensors
+
+
+@dataclass
+class RepairConfig:
+    method: str = "aird"
+    layer: int | str | None = None      # None: source − 1; int; "auto"
+    matrix: str = "both"                 # attn | mlp | both
+    alpha: float | str = "auto"
+    guard: float = 0.02                  # harmless refusal rate may rise at most this much
+    judge: str = "generate"              # generate (as eval judges) | score (first-token refusal score > 0)
+    scorer: str = "substring"            # the scorer plugin of the generate judge
+    max_new_tokens: int = 24             # the generate judge's answer length (refusal phrases come first)
+    candidates: int = 2                  # layer auto: how many of the best-ranked (layer, matrix) to search
+    refine: int = 2                      # generate judge: bisections between the last two grid α
+    compressed_probe: str | None = None
+    tune_on: list[str] | None = None     # α search prompts: None = the probe's validation splits; else named sets
+    tune_limit: int = 32                 # prompts per named tuning set (stratified, seeded)
+    check_on: list[str] = field(default_factory=lambda: list(CHECK_SETS))   # held-out check after the repair
+    check_limit: int = 50                # prompts per check set (stratified, seeded); 0 or [] skips the check
+    ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
+    batch_size: int = 16
+    data_dir: str | None = None
+    device: str | None = None
+
+    def validate(self) -> None:
+        """Every option checked before a model loads (a bad one must not cost the user a search first)."""
+        import math
+
+        self.matrices()
+        if self.judge not in JUDGES:
+            raise AirdError(f"--judge must be {' or '.join(JUDGES)}, not {self.judge!r}.")
+        if self.alpha != "auto":
+            try:
+                a = float(self.alpha)
+            except (TypeError, ValueError):
+                raise AirdError(f"--alpha must be a number or auto, not {self.alpha!r}.") from None
+            if not math.isfinite(a) or not a > -1:
+                raise AirdError("--alpha must be a finite number greater than -1 (α = -1 removes the direction "
+                                "entirely), or auto.")
+        for name, value, least in (("--candidates", self.candidates, 1), ("--refine", self.refine, 0),
+                                   ("--max-new-tokens", self.max_new_tokens, 1), ("--tune-limit", self.tune_limit, 1),
+                                   ("--check-limit", self.check_limit, 0), ("--batch-size", self.batch_size, 1)):
+            if not isinstance(value, int) or value < least:
+                raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")
+        if not 0 <= self.guard < 1:
+            raise AirdError(f"--guard must be in [0, 1), not {self.guard!r}.")
+        if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
+            raise AirdError(f"--ridge must be a positive number, not {self.ridge!r}.")
+        if isinstance(self.layer, int) and self.layer < 0:
+            raise AirdError(f"--layer must be at least 0, not {self.layer}.")
+
+    def matrices(self) -> list[str]:
+        if self.matrix not in ("attn", "mlp", "both"):
+            raise AirdError(f"--matrix must be attn, mlp or both, not {self.matrix!r}.")
+        return ["attn", "mlp"] if self.matrix == "both" else [self.matrix]
+
+
+@dataclass
+class EvalConfig:
+    harmful: list[str] = field(default_factory=lambda: list(HARMFUL_SETS))
+    benign: list[str] = field(default_factory=lambda: list(BENIGN_SETS))
+    jailbreaks: list[str] = field(default_factory=list)   # jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild
+    wild_templates: int = 5
+    prompts_file: str | None = None
+    prompts_as: str = "harmful"
+    column: str | None = None
+    category_column: str | None = None
+    limit: int | None = None              # prompts per set (spread over its categories, seeded)
+    task_limit: int | None = None         # examples per zero-shot task (None: same as limit)
+    alpaca_n: int = 100
+    max_new_tokens: int = 64
+    scorer: str = "substring"             # the judge whose verdicts make ASR and over-refusal
+    judges: list[str] = field(default_factory=list)   # more judges, each verdict recorded beside the scorer's
+    system_prompt: str | None = None
+    seed: int = 42
+    selection: str = "stratified"         # how --limit picks prompts (recorded: older runs took the first N)
+    tasks: list[str] = field(default_factory=lambda: list(_zero_shot_tasks()))
+    ppl_windows: int | None = 40          # WikiText-2 windows evaluated (None: all)
+    ppl_ctx_len: int = 1024
+    seen: list[str] = field(default_factory=lambda: list(SEEN_BY_PROBE))   # excluded (exact and near duplicates)
+    batch_size: int = 16
+    data_dir: str | None = None
+    device: str | None = None
+    engine: str = field(default_factory=default_engine)   # generation engine plugin: auto | hf | vllm | a plugin's
+    engine_options: dict = field(default_factory=dict)   # passed to the engine (vLLM: tensor_parallel_size, ...)
+
+    def validate(self, suites: tuple[str, ...] = ("safety", "utility")) -> None:
+        """Every option checked before a model loads: a bad value must not surface after an hour of answers."""
+        from aird.core.data import JAILBREAKS, SETS
+        from aird.core.zeroshot import TASKS
+
+        for name, value, least in (("--limit", self.limit, 1), ("--task-limit", self.task_limit, 1),
+                                   ("--alpaca-n", self.alpaca_n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
+                                   ("--batch-size", self.batch_size, 1), ("--ppl-ctx-len", self.ppl_ctx_len, 16),
+                                   ("--ppl-windows", self.ppl_windows, 1), ("--wild-templates", self.wild_templates, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")
+        if self.selection not in ("stratified", "first"):
+            raise AirdError(f"--selection must be stratified or first, not {self.selection!r}.")
+        if self.prompts_as not in ("harmful", "benign"):
+            raise AirdError(f"--as must be harmful or benign, not {self.prompts_as!r}.")
+        for role, names, known in (("harmful", self.harmful, SETS), ("benign", self.benign, SETS),
+                                   ("jailbreak", self.jailbreaks, JAILBREAKS)):
+            for n in names:
+                if n not in known:
+                    raise AirdError(f"unknown {role} set {n!r}; known: {', '.join(known)} (see `aird data`).")
+        if "utility" in suites:
+            for t in self.tasks:
+                if t not in TASKS:
+                    raise AirdError(f"unknown zero-shot task {t!r}; known: {', '.join(TASKS)}.")
+        if "safety" in suites and not (self.harmful or self.benign or self.jailbreaks or self.prompts_file):
+            raise AirdError("no prompt set to evaluate: name --harmful, --benign, --jailbreak or --prompts.")
+
+    @property
+    def tasks_limit(self) -> int | None:
+        return self.task_limit if self.task_limit is not None else self.limit
