@@ -165,7 +165,7 @@ def test_autogptq_glue_with_a_stand_in_solver(refusing, monkeypatch):
     assert len(seen) == n_linear and all(rows == 7 for rows in seen)
 
 
-def test_the_worked_example_plugin_installs_and_runs_end_to_end(refusing, tmp_path):
+def test_the_worked_example_plugin_installs_and_runs_end_to_end(refusing, tmp_path, monkeypatch):
     """plugins/aird-example, the package docs/plugins.md builds: pip-installed, listed, and used by compress and
     eval like a built-in."""
     model_dir, data = refusing
@@ -187,7 +187,8 @@ def test_the_worked_example_plugin_installs_and_runs_end_to_end(refusing, tmp_pa
     assert res.returncode == 0, res.stderr
     recs = [json.loads(x) for x in (tmp_path / "e" / "eval.jsonl").read_text().splitlines()]
     prompts = [r for r in recs if r["record"] == "eval.prompt"]
-    from aird_example import PrefixJudge   # noqa: E402 - the installed copy's judge, checked by hand
+    monkeypatch.syspath_prepend(str(target))
+    from aird_example import PrefixJudge   # the installed copy's judge, applied by hand to the same answers
     assert len(prompts) == 12 and [r["refused"] for r in prompts] == PrefixJudge().refused(
         [r["prompt"] for r in prompts], [r["completion"] for r in prompts])
     assert all("substring" in r["judges"] for r in prompts)
