@@ -1,17 +1,15 @@
 """The command line, run as a user runs it: a subprocess, stdout piped, stderr read."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers import run_aird
 
 pytestmark = pytest.mark.slow   # every test starts the CLI in a subprocess (torch's import alone takes seconds)
 
 
 def aird(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "aird", *args], capture_output=True, text=True, input=stdin,
-                          env=env, timeout=900)
+    return run_aird(*args, stdin=stdin, env=env)
 
 
 def assert_one_sentence_error(res, *fragments):

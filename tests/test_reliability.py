@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_aird
 from typer.testing import CliRunner
 
 from aird.cli.main import app
@@ -22,9 +23,8 @@ from aird.core.errors import AirdError
 ENV = {**os.environ, "AIRD_ENGINE": "hf", "AIRD_LOAD_PLUGINS": "", "PYTHONUNBUFFERED": "1"}
 
 
-def aird(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "aird", *map(str, args)], capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, timeout=600, **kw)
+def aird(*args, env=None):
+    return run_aird(*args, env={**ENV, **(env or {})}, timeout=600)
 
 
 def invoke(*args, env=None):

@@ -1,7 +1,6 @@
 """Third-party plugins installed from their own folders, as a user installs them (pip, entry points)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import run_aird
 import torch
 
 pytestmark = pytest.mark.slow   # pip installs of test packages and CLI subprocesses
@@ -24,11 +24,8 @@ def pip_install(folder: Path, target: Path) -> None:
 
 
 def aird(*args, path=None):
-    env = dict(os.environ)
-    env.pop("AIRD_LOAD_PLUGINS", None)   # conftest keeps the machine's plugins out; these tests install their own
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "aird", *args], capture_output=True, text=True, env=env, timeout=600)
+    # conftest keeps the machine's plugins out; these tests install their own into ``path``
+    return run_aird(*args, path=path, load_plugins=True, timeout=600)
 
 
 def listed(res):
