@@ -416,7 +416,7 @@ def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | No
     """See _run_study; one run at a time per output folder (a second one fails at once)."""
     from aird.core.reliability import out_lock
 
-    with out_lock(Path(out)):
+    with out_lock(Path(out), beside=True):   # beside: a study of a missing model writes nothing
         return _run_study(cfg=cfg, out=out, force=force, reporter=reporter, device=device, data_dir=data_dir,
                           trust_remote_code=trust_remote_code)
 
