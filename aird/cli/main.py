@@ -120,11 +120,13 @@ def plugins_cmd(json_out: bool = JSON_OPT) -> None:
     with user_errors():
         reg = plugin_registry()
         rows = [{"record": "plugin", "kind": r.kind, "name": r.name, "origin": r.origin, "version": r.version,
-                 "plugin": r.plugin, "builtin": r.builtin, "description": getattr(r.obj, "description", "")}
+                 "plugin": r.plugin, "builtin": r.builtin, "description": getattr(r.obj, "description", ""),
+                 "options": dict(getattr(r.obj, "params", None) or {})}
                 for r in reg.items]
         broken = [{"record": "plugin.error", "plugin": b.plugin, "origin": b.origin, "error": b.error} for b in reg.broken]
-        console.print(table("plugins", ["kind", "name", "origin", "version", "description"],
+        console.print(table("plugins", ["kind", "name", "origin", "version", "options (default)", "description"],
                             [(r["kind"], r["name"], "built-in" if r["builtin"] else r["origin"], r["version"],
+                              " ".join(f"--{k.replace('_', '-')}" + ("" if v is None else f" {v}") for k, v in r["options"].items()),
                               r["description"]) for r in rows]))
         for b in broken:
             console.print(f"[red]plugin {b['plugin']} ({b['origin']}) failed to load: {b['error']}", highlight=False)
