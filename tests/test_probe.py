@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from aird.core import hooks, selection
+from aird.core import candidates, hooks
 from aird.core.artifacts import SCHEMA_VERSION, read_jsonl
 from aird.core.directions import refusal_scores
 from aird.core.errors import ArtifactError
@@ -73,7 +73,7 @@ def test_attribution_proxy_ranks_like_the_true_bypass(refusing, refusing_lm, tmp
     units = torch.stack([dirs[c["layer"], pidx[c["position"]]] for c in cands])
     units = units / units.norm(dim=-1, keepdim=True)
     harmful = [lm.adapter.format(lm.tokenizer, t) for t in tiny.instructions(tiny.HARMFUL_ACTS)[:16]]
-    proxy = selection.attribution_bypass(lm, make_batches(lm, harmful, 8), units, lm.adapter.refusal_token_ids(lm.tokenizer))
+    proxy = candidates.attribution_bypass(lm, make_batches(lm, harmful, 8), units, lm.adapter.refusal_token_ids(lm.tokenizer))
     true = torch.tensor([c["bypass"] for c in cands])
     rank = lambda v: v.argsort().argsort().float()  # noqa: E731
     corr = torch.corrcoef(torch.stack([rank(proxy), rank(true)]))[0, 1]
@@ -113,7 +113,7 @@ def test_rerun_resumes_and_scores_only_what_is_missing(refusing, refusing_lm, tm
             keep.append(r)
     (out / "probe.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     calls = []
-    real = selection.score_candidate
+    real = candidates.score_candidate
     monkeypatch.setattr("aird.core.probe.score_candidate", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = run_probe(refusing_lm, cfg(data, exhaustive=True, batch_size=8), out)  # batch size may change
     assert len(calls) == first.summary["n_candidates"] - 3
