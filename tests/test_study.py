@@ -90,6 +90,7 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     assert (res.out / "plots" / "asr_by_category.png").stat().st_size > 0
     assert (res.out / "plots" / "refusal_scores.png").stat().st_size > 0
     assert "mag-50/diff/diff.png" in md
+    assert "is the 'substring' judge's" in md   # the report names the judge behind its verdicts
     # the report's ASR is the eval summary's
     assert f"{by['mag-50'].eval['asr']['harmful_val']:.3f}" in md
 
@@ -231,3 +232,18 @@ def test_finding_four_is_decided_on_held_out_sources_by_mcnemar(tmp_path):
     assert f["verdict"] == "does not hold"
     f = verdict([False] * 10, [False] * 10, [False] * 20, [True] * 20)    # in-source gains alone prove nothing
     assert f["verdict"] == "inconclusive"
+
+
+def test_report_shows_the_other_judges_beside_the_deciding_one(tmp_path):
+    from aird.core.report import _blocks
+
+    cfg = resolve_config("quick", overrides={"eval": {"judges": ["llm"]}})
+    e = _e("original", "original", asr=0.25)
+    e.eval["asr_by_category"] = {}
+    e.eval["by_judge"] = {"llm": {"asr": {"advbench": 0.5}, "over_refusal": {"alpaca": 0.1},
+                                  "agreement_with_scorer": {"kappa": 0.42}}}
+    blocks = _blocks(tmp_path, cfg, [e], [], [], {})
+    tables = {b[1][-1]: b[2] for b in blocks if b[0] == "table"}
+    assert tables["kappa with 'substring'"] == [["original", "llm", "0.500", "0.100", "0.420"]]
+    text = " ".join(b[1] for b in blocks if b[0] == "p")
+    assert "the 'substring' judge's" in text and "'llm'" in text

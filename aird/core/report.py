@@ -207,13 +207,19 @@ def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], fou
     ev = cfg["eval"]
     harmful = list(ev["harmful"]) + list(ev.get("jailbreaks") or [])
     benign = list(ev["benign"])
+    judge = ev.get("scorer", "substring")
+    others = [j for j in ev.get("judges") or [] if j != judge]
     b: list[Block] = [("h", 1, f"aird study: {cfg['model']} ({cfg['profile']} profile)")]
     b.append(("p", "Compress the model with a grid of methods, find the refusal direction of every model (difference "
                    "in means, selected by bypass, induce and KL), compare each with the original, repair the ones "
                    "whose direction moved (AIRD rank-one edit), and evaluate all of them. Limits of this run: "
                    f"{ev['limit'] or 'all'} prompts per set, {ev['max_new_tokens']} new tokens, "
                    f"{ev['task_limit'] or 'all'} examples per zero-shot task, {ev['ppl_windows'] or 'all'} "
-                   f"WikiText-2 windows; probe {cfg['probe']}."))
+                   f"WikiText-2 windows; probe {cfg['probe']}. Every refusal verdict behind the ASR and "
+                   f"over-refusal numbers and the findings is the {judge!r} judge's"
+                   + (f"; the judges {', '.join(map(repr, others))} were recorded beside it (their rates are in "
+                      "the judges table)." if others else " (its agreement with human labels: `aird judges validate`, "
+                      "docs/judges.md).")))
     for s in cfg.get("skipped", []):
         b.append(("p", f"Skipped {s['name']}: {s['why']}."))
     b.append(("h", 2, "Findings of the paper, checked on this model"))
@@ -238,8 +244,19 @@ def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], fou
                    "post-instruction position of the chosen direction (relaxed: no candidate passed the reference "
                    "filters, the best-bypass one was kept). bypass: mean refusal score of harmful prompts with the "
                    "direction ablated; induce: of harmless prompts with it added; KL: on harmless prompts under "
-                   "ablation. ASR: share of harmful prompts answered (refusal substrings); over-refusal: share of "
-                   "benign prompts refused."))
+                   "ablation. ASR: share of harmful prompts answered (judged by " + repr(judge) + "); over-refusal: "
+                   "share of benign prompts refused."))
+    if others:
+        rows = []
+        for e in entries:
+            bj = (e.eval or {}).get("by_judge") or {}
+            for j in others:
+                d = bj.get(j) or {}
+                rows.append([e.name, j, _f(_mean(list(d.get("asr", {}).values()))),
+                             _f(_mean(list(d.get("over_refusal", {}).values()))),
+                             _f((d.get("agreement_with_scorer") or {}).get("kappa"))])
+        b.append(("h", 2, f"Judges beside {judge!r}"))
+        b.append(("table", ["model", "judge", "mean ASR", "mean over-refusal", f"kappa with {judge!r}"], rows))
 
     reps = [e for e in entries if e.role == "repaired"]
     if reps:
