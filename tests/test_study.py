@@ -247,3 +247,30 @@ def test_report_shows_the_other_judges_beside_the_deciding_one(tmp_path):
     assert tables["kappa with 'substring'"] == [["original", "llm", "0.500", "0.100", "0.420"]]
     text = " ".join(b[1] for b in blocks if b[0] == "p")
     assert "the 'substring' judge's" in text and "'llm'" in text
+
+
+def test_heldout_rows_pair_the_three_models_on_held_out_prompts_only(tmp_path):
+    from aird.core.artifacts import write_jsonl
+    from aird.core.evaluate import mcnemar_exact
+    from aird.core.report import heldout_rows
+
+    def model(name, refused_harmful, refused_benign):
+        folder = tmp_path / name
+        recs = [{"record": "eval.prompt", "set": "jbb", "index": i, "prompt": f"h{i}", "role": "harmful",
+                 "origin": "jbb_original" if i < 10 else "advbench", "refused": v}
+                for i, v in enumerate(refused_harmful)]
+        recs += [{"record": "eval.prompt", "set": "xs_safe", "index": i, "prompt": f"b{i}", "role": "benign",
+                  "origin": "xstest", "refused": v} for i, v in enumerate(refused_benign)]
+        write_jsonl(folder / "eval" / "eval.jsonl", recs)
+        return Entry(name, "x", folder, "")
+
+    # 10 held-out harmful prompts (jbb_original) and 4 in-source ones (advbench, which the repair tuned on)
+    orig = model("o", [True] * 8 + [False] * 2 + [True] * 4, [False] * 5)
+    comp = model("c", [True] * 2 + [False] * 8 + [False] * 4, [False] * 5)
+    rep = model("r", [True] * 9 + [False] * 1 + [True] * 4, [True] + [False] * 4)
+    rep.repair = {"tuned_on": {"origins": ["advbench", "alpaca"]}}
+    rows = {r[1]: r for r in heldout_rows(orig, comp, rep)}
+    assert rows["jbb"][2:7] == ["ASR", 10, "0.200", "0.800", "0.100"]   # in-source prompts left out
+    assert rows["jbb"][7] == "-70.0" and rows["jbb"][8] == f"{mcnemar_exact(7, 0):.2g}"
+    assert rows["jbb"][9] == "-10.0" and rows["jbb"][10] == f"{mcnemar_exact(1, 0):.2g}"
+    assert rows["xs_safe"][2:7] == ["over-refusal", 5, "0.000", "0.000", "0.200"] and rows["xs_safe"][9] == "+20.0"

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from aird.core.artifacts import atomic_write_text, read_jsonl
+from aird.core.evaluate import EVAL_JSONL, mcnemar_exact
 from aird.core.numbers import fmt as _f
 from aird.core.study_results import Entry
 
@@ -22,8 +23,6 @@ def _paired_origins(before: Entry, after: Entry, keep) -> dict | None:
     """The harmful prompts of two evaluated models, paired, restricted to those whose origin passes ``keep``:
     ASR before and after, newly refused, no longer refused, the exact McNemar p and the origins present (None
     when the per-prompt records are not on disk)."""
-    from aird.core.evaluate import EVAL_JSONL, mcnemar_exact
-
     paths = [e.eval_dir / EVAL_JSONL if e.folder else None for e in (before, after)]
     if not all(p is not None and p.is_file() for p in paths):
         return None
@@ -37,6 +36,44 @@ def _paired_origins(before: Entry, after: Entry, keep) -> dict | None:
             "before": sum(not a[k]["refused"] for k in keys) / n if n else None,
             "after": sum(not b[k]["refused"] for k in keys) / n if n else None,
             "origins": sorted({a[k].get("origin") or "?" for k in keys})}
+
+
+def _prompt_records(e: Entry) -> dict | None:
+    path = e.eval_dir / EVAL_JSONL if e.folder else None
+    if path is None or not path.is_file():
+        return None
+    return {(r["set"], r["index"], r["prompt"]): r for r in read_jsonl(path, torn_tail_ok=True)
+            if r["record"] == "eval.prompt"}
+
+
+def heldout_rows(orig: Entry, parent: Entry, rep: Entry) -> list[list]:
+    """Per evaluated set, on its prompts whose source the repair never tuned on: the rate (ASR for harmful
+    sets, over-refusal for benign ones) of the original, the compressed and the repaired model on the same
+    prompts, the repaired model's change against each (points), and the exact McNemar p of each change."""
+    recs = [_prompt_records(e) for e in (orig, parent, rep)]
+    if any(r is None for r in recs):
+        return []
+    tuned = set(((rep.repair or {}).get("tuned_on") or {}).get("origins") or [])
+    rows = []
+    for name in sorted({k[0] for k in recs[2]}):
+        keys = [k for k in recs[2] if k[0] == name and k in recs[0] and k in recs[1]
+                and recs[2][k].get("origin") is not None and recs[2][k].get("origin") not in tuned]
+        if not keys:
+            continue
+        harmful = recs[2][keys[0]]["role"] == "harmful"
+
+        def rate(r):   # ASR: share answered; over-refusal: share refused
+            return sum((not r[k]["refused"]) if harmful else r[k]["refused"] for k in keys) / len(keys)
+
+        def p_vs(r):
+            newly = sum(recs[2][k]["refused"] and not r[k]["refused"] for k in keys)
+            gone = sum(r[k]["refused"] and not recs[2][k]["refused"] for k in keys)
+            return mcnemar_exact(newly, gone)
+
+        o, c, x = (rate(r) for r in recs)
+        rows.append([rep.name, name, "ASR" if harmful else "over-refusal", len(keys), _f(o), _f(c), _f(x),
+                     f"{100 * (x - c):+.1f}", f"{p_vs(recs[1]):.2g}", f"{100 * (x - o):+.1f}", f"{p_vs(recs[0]):.2g}"])
+    return rows
 
 
 def _mean(xs):
@@ -276,6 +313,15 @@ def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], fou
                          f"{_f(p.diff['cosine_chosen'] if p.diff else None)} → {_f(r.diff['cosine_chosen'] if r.diff else None)}"])
         b.append(("table", ["repaired", "method", "layer", "matrix", "α", "target reached", "layer sparsity",
                             "model sparsity", "mean ASR", "mean over-refusal", "zero-shot mean", "cosine"], rows))
+        held = [row for r in reps if orig for row in heldout_rows(orig, by[r.parent], r)]
+        if held:
+            b.append(("h", 2, "Repairs on held-out sources, per set"))
+            b.append(("p", "Each set on its prompts from sources the repair never tuned on (the probe's and the "
+                           "repair's tuning sets name their sources; the rest are held out), the same prompts for "
+                           "all three models. Δ: the repaired model's rate minus the other's, in points; p: exact "
+                           "McNemar test of the paired change."))
+            b.append(("table", ["repaired", "set", "rate", "n", "original", "compressed", "repaired",
+                                "Δ vs compressed", "p vs compressed", "Δ vs original", "p vs original"], held))
     elif orig:
         b.append(("p", "No model was repaired: no compressed model's direction moved past the threshold "
                        f"(source moved, or cosine below {cfg['repair']['moved_below_cosine']})."))
