@@ -124,7 +124,7 @@ def test_rerun_with_other_config_needs_force(refusing, refusing_lm, tmp_path):
     _, data = refusing
     out = tmp_path / "p"
     run_probe(refusing_lm, cfg(data), out)
-    with pytest.raises(ArtifactError, match="different configuration \\(seed\\)"):
+    with pytest.raises(ArtifactError, match=r"different configuration \(.*seed\)"):
         run_probe(refusing_lm, cfg(data, seed=7), out)
     res = run_probe(refusing_lm, cfg(data, seed=7), out, force=True)
     assert not res.resumed and res.summary["seed"] == 7
