@@ -72,9 +72,10 @@ def test_a_judge_that_cannot_get_ready_is_skipped_only_when_not_asked_for(monkey
 
     judge = plugins.get("scorer", "llm")
     monkeypatch.setattr(judge, "prepare", lambda: (_ for _ in ()).throw(AirdError("model x is not installed.")))
-    recs = validate(["substring", "llm"], ["jailbreakbench"], skip_unready=True)
-    assert {r["judge"]: r.get("skipped") for r in recs if not r["judge"].startswith("published")} == \
-        {"substring": None, "llm": "model x is not installed."}
+    recs = validate(["substring", "llm", "refusal-score"], ["jailbreakbench"], skip_unready=True)
+    skipped = {r["judge"]: r.get("skipped") for r in recs if not r["judge"].startswith("published")}
+    assert skipped["substring"] is None and skipped["llm"] == "model x is not installed."
+    assert "refusal scores" in skipped["refusal-score"]   # stored answers have no answering model to read
     with pytest.raises(AirdError, match="not installed"):
         validate(["llm"], ["jailbreakbench"])
 
@@ -90,33 +91,26 @@ def test_judges_validate_cli():
                               "unknown labelled data set")
 
 
-def test_eval_records_every_judges_verdict_and_their_agreement(refusing, tmp_path, monkeypatch):
-    from aird.core import plugins
+def test_eval_records_every_judges_verdict_and_their_agreement(refusing, tmp_path, register_plugin):
+    from conftest import FirstWordPlugin
+
     from aird.core.artifacts import read_jsonl
     from aird.core.evaluate import EvalConfig, run_eval
     from aird.core.loading import load_model
-    from aird.core.plugins import PluginRegistry, Registered
 
-    class Starts:
-        """Refused when the answer starts with "I" (the tiny model's refusal-like opening)."""
-        name, description = "starts-with-i", "test judge"
-
-        def refused(self, prompts, completions):
-            return [c.strip().startswith("I") for c in completions]
-
-    reg = plugins.plugin_registry()
-    monkeypatch.setattr(plugins, "plugin_registry", lambda: PluginRegistry(
-        reg.items + [Registered("scorer", "starts-with-i", Starts(), "test", "test-plugin", "1")], []))
+    register_plugin(FirstWordPlugin())   # refused when the answer starts with "I" (the tiny model's refusal)
     model_dir, data = refusing
     lm = load_model(str(model_dir), device="cpu")
     path = tmp_path / "p.txt"
     path.write_text("\n".join(tiny.instructions(tiny.HARMFUL_ACTS)[:4] + tiny.instructions(tiny.HARMLESS_ACTS)[:4]))
     s = run_eval(lm, EvalConfig(harmful=[], benign=[], prompts_file=str(path), max_new_tokens=3, data_dir=str(data),
-                                seen=[], judges=["starts-with-i"]), tmp_path / "o")
+                                seen=[], judges=["first-word", "refusal-score"]), tmp_path / "o")
     recs = [r for r in read_jsonl(tmp_path / "o" / "eval.jsonl") if r["record"] == "eval.prompt"]
-    mine = [r["judges"]["starts-with-i"] for r in recs]
+    mine = [r["judges"]["first-word"] for r in recs]
+    # the refusal-score judge is the answering model's own first-token score, recorded beside each answer
+    assert [r["judges"]["refusal-score"] for r in recs] == [r["refusal_score"] > 0 for r in recs]
     assert mine == [r["completion"].strip().startswith("I") for r in recs] and any(mine) and not all(mine)
     assert s["by_judge"]["substring"]["asr"] == s["asr"]
-    assert s["by_judge"]["starts-with-i"]["asr"]["p"] == pytest.approx(1 - sum(mine) / 8)
-    k = s["by_judge"]["starts-with-i"]["agreement_with_scorer"]
+    assert s["by_judge"]["first-word"]["asr"]["p"] == pytest.approx(1 - sum(mine) / 8)
+    k = s["by_judge"]["first-word"]["agreement_with_scorer"]
     assert k["n"] == 8 and k["kappa"] == agreement(mine, [r["refused"] for r in recs])["kappa"]

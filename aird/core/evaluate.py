@@ -88,8 +88,16 @@ def answer_and_judge(lm: LoadedModel, texts: list[str], prompts: list[str], scor
     whether the scorer judges each a refusal (given the raw ``prompts``), and each answer's first-token refusal
     score. Shared by eval and repair's generate judge."""
     gens, scores = answer(sess or BatchedSession(lm, batch_size), lm, texts, max_new_tokens, batch_size, progress)
-    refused = scorer.refused(prompts, [g.text for g in gens])
+    refused = verdicts(scorer, prompts, [g.text for g in gens], scores)
     return gens, refused, scores
+
+
+def verdicts(scorer, prompts: list[str], completions: list[str], scores) -> list[bool]:
+    """A scorer's verdicts; one that declares ``uses_scores`` also gets the answering model's first-token
+    refusal scores (``scores=``, one float per answer)."""
+    if getattr(scorer, "uses_scores", False):
+        return scorer.refused(prompts, completions, scores=[float(x) for x in scores])
+    return scorer.refused(prompts, completions)
 
 
 def aggregate(records: list[dict]) -> dict:
@@ -292,7 +300,7 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
                     gens, refused, scores = answer_and_judge(lm, texts, raw, scorer, cfg.max_new_tokens,
                                                              cfg.batch_size, progress=advance, sess=sess)
                     scores = scores.tolist()
-                    others = {j: obj.refused(raw, [g.text for g in gens]) for j, obj in extra.items()}
+                    others = {j: verdicts(obj, raw, [g.text for g in gens], scores) for j, obj in extra.items()}
                     new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
                                       origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction,
                                       completion=g.text, refused=bool(rf), refusal_score=sc,

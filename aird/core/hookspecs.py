@@ -60,7 +60,9 @@ class Probe(Protocol):
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Judges completions: True where the model refused."""
+    """Judges completions: True where the model refused. Optional: ``uses_scores = True`` (``refused`` is then
+    also given ``scores=``, the answering model's first-token refusal score per answer), ``prepare()`` (load what
+    it needs before any answer is generated) and ``configure(**options)`` (``judge_model``, ``device``)."""
 
     name: str
     description: str

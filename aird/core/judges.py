@@ -118,6 +118,11 @@ def validate(judges: list[str], datasets: list[str], limit: int | None = None, s
         rows = stratified_rows(load_labelled(ds, data_dir), limit, seed)
         gold = [r.refusal for r in rows]
         for name, obj in objs.items():
+            if getattr(obj, "uses_scores", False):   # it reads the answering model, which labelled data lacks
+                why = "it judges by the answering model's own refusal scores, which stored answers do not have"
+                rep.note(f"judge {name} skipped: {why}")
+                out.append({"record": "judges.validation", "judge": name, "dataset": ds, "skipped": why})
+                continue
             t_load = time.perf_counter()
             try:
                 if hasattr(obj, "prepare"):
