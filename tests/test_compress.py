@@ -100,6 +100,7 @@ def test_rerun_resumes_and_other_params_need_force(tiny_folder, tmp_path):
     ({"pattern": "two:four"}, "not of the form N:M"),
     ({"pattern": "2:4", "sparsity": 0.3}, "means sparsity 0.5"),
     ({"bits": 4}, "does not take --bits"),
+    ({"sparsity": "0.5"}, "--sparsity must be a float like its default"),
 ])
 def test_bad_pruning_options(tiny_folder, tmp_path, params, match):
     folder, data = tiny_folder

@@ -95,6 +95,15 @@ def resolve_params(plugin, given: dict, lm: LoadedModel) -> dict:
     if unknown:
         takes = ", ".join("--" + k.replace("_", "-") for k in accepted) or "no options"
         raise AirdError(f"method {plugin.name} does not take {', '.join('--' + k.replace('_', '-') for k in unknown)}; it takes {takes}.")
+    for k, v in given.items():   # a value of another type than the plugin's default (a study file's "0.5")
+        d = accepted.get(k)
+        ok = (d is None or v is None or (isinstance(d, bool) and isinstance(v, bool))
+              or (not isinstance(d, bool) and isinstance(d, (int, float)) and isinstance(v, (int, float))
+                  and not isinstance(v, bool))
+              or (not isinstance(d, (bool, int, float)) and isinstance(v, type(d))))
+        if not ok:
+            raise AirdError(f"method {plugin.name}: --{k.replace('_', '-')} must be a {type(d).__name__} like its "
+                            f"default {d!r}, not {v!r}.")
     params = {**accepted, **{k: v for k, v in given.items() if v is not None}}
     nm = parse_pattern(params.get("pattern")) if "pattern" in params else None
     if "sparsity" in params:
