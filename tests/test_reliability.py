@@ -397,3 +397,23 @@ def test_prompts_alone_evaluates_the_file_alone(refusing, tmp_path):
     assert r.exit_code == 0, r.output
     sets = {x["set"] for x in read_jsonl(tmp_path / "e" / "eval.jsonl") if x["record"] == "eval.prompt"}
     assert sets == {"mine"}
+
+
+def test_a_finished_eval_is_not_reused_for_other_prompts(tmp_path):
+    """Same configuration, but the data directory's copy of a set changed: the old summary is not shown, and only
+    the answers to prompts still asked (at their new places) are kept."""
+    from aird.core.evaluate import reusable_records
+
+    config = {"model_path": "m", "limit": None, "harmful": ["s"]}
+    rec = lambda i, p: {"record": "eval.prompt", "schema": 1, "config": config, "set": "s", "index": i,  # noqa: E731
+                        "prompt": p, "refused": True}
+    old = [rec(0, "a"), rec(1, "b"), {"record": "eval.summary", "schema": 1, "config": config}]
+    same = reusable_records(old, config, [("s", "harmful", [_P("a"), _P("b")])], tmp_path / "e.jsonl")
+    assert [r["record"] for r in same] == ["eval.prompt", "eval.prompt", "eval.summary"]
+    other = reusable_records(old, config, [("s", "harmful", [_P("b"), _P("c")])], tmp_path / "e.jsonl")
+    assert [(r["record"], r.get("index"), r.get("prompt")) for r in other] == [("eval.prompt", 0, "b")]
+
+
+class _P:
+    def __init__(self, instruction):
+        self.instruction = instruction

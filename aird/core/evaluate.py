@@ -207,12 +207,14 @@ def reusable_records(records: list[dict], config: dict, sets: list, path: Path) 
     check_resumable(records, config, path, ignore=NON_SEMANTIC + SELECTION_KEYS)
     current = {(name, p.instruction): i for name, _role, prompts in sets for i, p in enumerate(prompts)}
     new_limit = config.get("task_limit") if config.get("task_limit") is not None else config.get("limit")
-    kept = []
+    kept, moved = [], False
     for r in records:
         old = r.get("config") or {}
         same = all(old.get(k) == config.get(k) for k in SELECTION_KEYS)
         if r["record"] == "eval.prompt":
             i = current.get((r["set"], r["prompt"]))
+            if i is None or i != r["index"]:   # a prompt no longer asked, or asked at another place
+                moved = True
             if i is None:
                 continue
             if i != r["index"] or not same:
@@ -229,6 +231,8 @@ def reusable_records(records: list[dict], config: dict, sets: list, path: Path) 
         elif r["record"] == "eval.summary" and not same:
             continue
         kept.append(r if same else {**r, "config": config})
+    if moved:   # the prompts differ from those the summary counted (another data directory): summarize anew
+        kept = [r for r in kept if r["record"] != "eval.summary"]
     seen_keys: set = set()
     out = []
     for r in kept:   # one answer per (set, index): the first
