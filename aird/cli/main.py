@@ -12,7 +12,7 @@ import typer
 from aird import __version__
 from aird.cli.render import (RichReporter, console, emit, read_ref_from_stdin, render_compress, render_diff,
                              render_eval, render_paired, render_probe, render_repair, render_study, table, wants_json)
-from aird.core.configs import CompressConfig, EvalConfig, ProbeConfig, RepairConfig
+from aird.core.configs import BENIGN_SETS, HARMFUL_SETS, CompressConfig, EvalConfig, ProbeConfig, RepairConfig
 from aird.core.errors import AirdError
 from aird.core.reliability import check_writable_folder
 
@@ -526,7 +526,6 @@ def eval_cmd(
             if hasattr(obj, "configure"):
                 obj.configure(judge_model=judge_model, device=device)
         set_threads(threads)
-        from aird.core.configs import BENIGN_SETS, HARMFUL_SETS
 
         def chosen(given: Optional[list[str]], default: tuple[str, ...]) -> list[str]:
             if given is None:   # --prompts alone evaluates the file alone
