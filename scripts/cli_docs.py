@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -37,8 +36,6 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    text = render()
-    if "--check" in sys.argv:
-        sys.exit(0 if DOC.is_file() and DOC.read_text() == text else 1)
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    from docsync import write_or_check   # beside this script
+
+    write_or_check(DOC, render())

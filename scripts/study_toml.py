@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -91,8 +90,6 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    text = render()
-    if "--check" in sys.argv:
-        sys.exit(0 if OUT.is_file() and OUT.read_text() == text else 1)
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
+    from docsync import write_or_check   # beside this script
+
+    write_or_check(OUT, render())
