@@ -54,8 +54,6 @@ def _sets(cfg: EvalConfig) -> tuple[list[tuple[str, str, list[Prompt]]], dict[st
     for name in cfg.benign:
         out.append((name, "benign", load_set(name, cfg.data_dir)))
     if cfg.prompts_file:
-        if cfg.prompts_as not in ("harmful", "benign"):
-            raise AirdError("--as must be harmful or benign.")
         out.append((prompt_file_set_name(cfg.prompts_file), cfg.prompts_as,
                     load_prompt_file(cfg.prompts_file, cfg.column, cfg.category_column)))
     index = seen_index(cfg.seen, cfg.data_dir) if cfg.seen else None
@@ -65,18 +63,14 @@ def _sets(cfg: EvalConfig) -> tuple[list[tuple[str, str, list[Prompt]]], dict[st
         excluded[name] = ex.counts()
         prompts = ex.kept
         if name == "alpaca" and name in cfg.benign:
-            if cfg.alpaca_n < 1:
+            if cfg.alpaca_n < 1:   # _sets is also called on its own (tests), without EvalConfig.validate
                 raise AirdError("--alpaca-n must be at least 1.")
             prompts = sample(prompts, cfg.alpaca_n, cfg.seed)
         if not prompts:
             raise AirdError(f"every prompt of {name} was seen by the probe or the repair (--seen); nothing is left "
                             "to evaluate.")
         out[k] = (name, role, prompts)
-    if cfg.limit is not None:
-        if cfg.limit < 1:
-            raise AirdError("--limit must be at least 1.")
-        if cfg.selection not in ("stratified", "first"):
-            raise AirdError(f"--selection must be stratified or first, not {cfg.selection!r}.")
+    if cfg.limit is not None:   # options already checked by EvalConfig.validate (run_eval calls it first)
         out = [(n, r, stratified(p, cfg.limit, cfg.seed) if cfg.selection == "stratified" else p[: cfg.limit])
                for n, r, p in out]
     return out, excluded
@@ -267,8 +261,6 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
     for judge in (scorer, *extra.values()):
         if "safety" in suites and hasattr(judge, "prepare"):
             judge.prepare()     # a judge model that is missing stops the run before any answer is generated
-    if cfg.task_limit is not None and cfg.task_limit < 1:
-        raise AirdError("--task-limit must be at least 1.")
     sets, excluded = _sets(cfg) if "safety" in suites else ([], {})
     out = Path(out)
     jsonl = out / EVAL_JSONL

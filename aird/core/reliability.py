@@ -112,24 +112,6 @@ def out_lock(folder: Path | str, beside: bool = False, what: str = "--out", wait
         fh.close()
 
 
-def held_lock(folder: Path | str, beside: bool = False) -> dict | None:
-    """Who holds ``folder``'s lock right now (its record), or None."""
-    path = lock_path(folder, beside)
-    if not path.is_file():
-        return None
-    with open(path, "a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            try:
-                return json.loads(fh.read() or "{}")
-            except json.JSONDecodeError:
-                return {}
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    return None
-
-
 # ---- scratch of killed runs -------------------------------------------------------------------------------
 def scratch_prefix(kind: str) -> str:
     """The name prefix of this process's scratch folders: ``.aird-<kind>-<pid>-``."""
