@@ -42,6 +42,12 @@ def test_missing_model_is_one_sentence(tmp_path):
                               "not found")
 
 
+def test_error_text_is_not_read_as_markup(tmp_path):
+    """A path or a hint like pip install 'aird[vllm]' keeps its brackets (rich would take [vllm] for a style)."""
+    missing = tmp_path / "m[vllm]" / "nope"
+    assert_one_sentence_error(aird("probe", "--model", str(missing), "--out", str(tmp_path / "o")), str(missing))
+
+
 def test_folder_without_config(tmp_path):
     (tmp_path / "m").mkdir()
     assert_one_sentence_error(aird("probe", "--model", str(tmp_path / "m")), "holds no config.json")

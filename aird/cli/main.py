@@ -9,6 +9,8 @@ from typing import Iterator, Optional
 
 import typer
 
+from rich.markup import escape
+
 from aird import __version__
 from aird.cli.render import (RichReporter, console, emit, read_ref_from_stdin, render_compress, render_diff,
                              render_eval, render_paired, render_probe, render_repair, render_study, table, wants_json)
@@ -67,7 +69,7 @@ def user_errors() -> Iterator[None]:
     except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
     except AirdError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] rerun the same command to resume.")
@@ -78,7 +80,7 @@ def user_errors() -> Iterator[None]:
     except Exception as exc:
         sentence = user_error_sentence(exc)
         if sentence is not None:
-            console.print(f"[bold red]error:[/] {sentence}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(sentence)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         log = write_crash_log(exc)
         console.print(f"[bold red]aird hit an internal error[/] ({type(exc).__name__}); the traceback is in {log}; "
@@ -129,7 +131,7 @@ def plugins_cmd(json_out: bool = JSON_OPT) -> None:
                               " ".join(f"--{k.replace('_', '-')}" + ("" if v is None else f" {v}") for k, v in r["options"].items()),
                               r["description"]) for r in rows]))
         for b in broken:
-            console.print(f"[red]plugin {b['plugin']} ({b['origin']}) failed to load: {b['error']}", highlight=False)
+            console.print(escape(f"plugin {b['plugin']} ({b['origin']}) failed to load: {b['error']}"), style="red", highlight=False)
         if wants_json(json_out):
             emit(rows + broken)
 

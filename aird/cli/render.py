@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -69,7 +70,7 @@ class RichReporter(Reporter):
                 progress.remove_task(task)
 
     def note(self, message: str) -> None:
-        console.print(f"[yellow]{message}", soft_wrap=True)
+        console.print(escape(message), style="yellow", soft_wrap=True)   # "aird[vllm]" is not markup
 
 
 def read_ref_from_stdin(keys: tuple[str, ...] = ("out", "path", "model_path")) -> str:
