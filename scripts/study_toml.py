@@ -84,6 +84,8 @@ def render() -> str:
             value = full[name][key] if set_here else default_of(cls, key)
             if key == "engine":
                 value = "auto"   # the default when $AIRD_ENGINE is not set
+            if key == "scorer":
+                value = "classifier"   # the default when $AIRD_SCORER is not set
             out += line(key, hint, value, OWN.get(key) or docs.get(key, ""), set_here)
         out.append("")
     return "\n".join(out)

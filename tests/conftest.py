@@ -12,6 +12,9 @@ torch.set_num_threads(2)
 # tiny models are not worth vLLM's minute of start-up: tests (and the CLI subprocesses they start) generate with hf
 # unless a test names its engine
 os.environ["AIRD_ENGINE"] = "hf"
+# likewise the default judge (a classifier over the default model's activations) would load the 0.5B model in every
+# eval: tests judge with the reference substrings unless a test names its judge
+os.environ["AIRD_SCORER"] = "substring"
 # the machine's own third-party aird plugins never load in tests (test_third_party.py installs its own and lets
 # them load in its subprocesses)
 os.environ["AIRD_LOAD_PLUGINS"] = ""

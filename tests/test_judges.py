@@ -111,6 +111,62 @@ def test_eval_records_every_judges_verdict_and_their_agreement(refusing, tmp_pat
     assert [r["judges"]["refusal-score"] for r in recs] == [r["refusal_score"] > 0 for r in recs]
     assert mine == [r["completion"].strip().startswith("I") for r in recs] and any(mine) and not all(mine)
     assert s["by_judge"]["substring"]["asr"] == s["asr"]
+    assert set(s["engine"]["judge_s"]) == {"substring", "first-word", "refusal-score"}    # each judge timed apart
     assert s["by_judge"]["first-word"]["asr"]["p"] == pytest.approx(1 - sum(mine) / 8)
     k = s["by_judge"]["first-word"]["agreement_with_scorer"]
     assert k["n"] == 8 and k["kappa"] == agreement(mine, [r["refused"] for r in recs])["kappa"]
+
+
+def test_classifier_is_the_default_judge_and_substring_verdicts_are_always_kept(refusing, tmp_path, register_plugin,
+                                                                                 monkeypatch):
+    from conftest import FirstWordPlugin
+
+    from aird.core.evaluate import EvalConfig, run_eval
+    from aird.core.loading import load_model
+
+    monkeypatch.delenv("AIRD_SCORER")
+    assert EvalConfig().scorer == "classifier"     # the best-agreeing judge (docs/judges.md) decides by default
+    register_plugin(FirstWordPlugin())
+    model_dir, data = refusing
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(tiny.instructions(tiny.HARMFUL_ACTS)[:3] + tiny.instructions(tiny.HARMLESS_ACTS)[:3]))
+    s = run_eval(load_model(str(model_dir), device="cpu"),
+                 EvalConfig(harmful=[], benign=[], prompts_file=str(path), max_new_tokens=3, data_dir=str(data), seen=[],
+                            scorer="first-word"), tmp_path / "o")
+    assert s["scorer"] == "first-word" and set(s["by_judge"]) == {"first-word", "substring"}
+
+
+@pytest.mark.parametrize("name", ["harmbench-cls", "llama-guard"])
+def test_hub_classifier_judges_read_their_verdict_words(name, tmp_path):
+    """The hub judges on a tiny Llama built from a config (the hub is not reachable here): P(harmful) is the
+    model's next-token distribution over its two verdict words, and swapping those words' output rows flips every
+    verdict."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aird.core import plugins
+
+    judge = plugins.get("scorer", name)
+    tok = tiny.tokenizer()
+    tok.add_tokens(list(judge.verdict_words))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny.config("llama", len(tok)))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    judge.configure(judge_model=str(tmp_path / "m"), device="cpu")
+    prompts = tiny.instructions(tiny.HARMFUL_ACTS)[:6]
+    answers = ["Sure Here is a way .", "I cannot help .", "", "the way is", "As a", "Here"]
+    probs = judge.probabilities(prompts, answers)
+    lm = judge.prepare()
+    a, b = (tok(w, add_special_tokens=False).input_ids[0] for w in judge.verdict_words)
+    with torch.inference_mode():
+        ids = tok(judge.text(tok, prompts[1], answers[1]), add_special_tokens=False).input_ids
+        logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert probs[1] == pytest.approx(float(torch.softmax(logits[[a, b]].double(), -1)[0]), abs=1e-5)
+    assert judge.refused(prompts, answers) == [p <= 0.5 for p in probs]
+    head = lm.model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[[a, b]] = head[[b, a]].clone()
+    flipped = judge.probabilities(prompts, answers)
+    assert flipped == pytest.approx([1 - p for p in probs], abs=1e-5)
+    assert judge.info()["judge_model"] == str(tmp_path / "m")

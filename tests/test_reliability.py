@@ -264,13 +264,13 @@ def test_a_fixed_limit_reuses_the_answers_already_given(tmp_path, refusing, monk
     assert invoke(*args, "--limit", "4").exit_code == 0
     before = _prompts(e / "eval.jsonl")
     asked: list[int] = []
-    real = evaluate.answer_and_judge
+    real = evaluate.answer
 
-    def counting(lm, texts, *a, **k):
+    def counting(sess, lm, texts, *a, **k):
         asked.append(len(texts))
-        return real(lm, texts, *a, **k)
+        return real(sess, lm, texts, *a, **k)
 
-    monkeypatch.setattr(evaluate, "answer_and_judge", counting)
+    monkeypatch.setattr(evaluate, "answer", counting)
     r = invoke(*args, "--limit", "8")
     assert r.exit_code == 0, r.output
     after = _prompts(e / "eval.jsonl")

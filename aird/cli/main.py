@@ -208,9 +208,13 @@ def judges_validate(
         console.print(table("judges against human labels (positive class: refusal)",
                             ["judge", "data set", "n", "accuracy", "precision", "recall", "F1", "kappa",
                              "s / 100"],
-                            [(r["judge"], r["dataset"], r.get("n"), r.get("accuracy"), r.get("precision"),
+                            [(r["judge"] + (" (cross-fitted)" if r.get("cross_fitted") else ""), r["dataset"],
+                              r.get("n"), r.get("accuracy"), r.get("precision"),
                               r.get("recall"), r.get("f1"), r.get("kappa"), r.get("seconds_per_100"))
                              for r in recs]))
+        if any(r.get("cross_fitted") for r in recs):
+            console.print("cross-fitted: a judge trained on these labels judged each row with a fit that saw neither "
+                          "its answering model nor its prompt.")
         if out:
             write_jsonl(Path(out) / "judges.jsonl", recs)
         if wants_json(json_out):
@@ -491,7 +495,9 @@ def eval_cmd(
     column: Optional[str] = typer.Option(None, help="Text column of --prompts."),
     category_column: Optional[str] = typer.Option(None, help="Category column of --prompts."),
     max_new_tokens: int = typer.Option(EvalConfig.max_new_tokens),
-    scorer: str = typer.Option(EvalConfig.scorer, help="Scorer plugin that judges refusals."),
+    scorer: str = typer.Option("classifier", envvar="AIRD_SCORER",
+                               help="Scorer plugin (judge) whose verdicts make ASR and over-refusal; the substring "
+                                    "judge's verdicts are recorded beside any other's."),
     judges: list[str] = typer.Option([], "--judge", help="More judges (scorer plugins), each verdict recorded beside "
                                      "the scorer's, with ASR under each and agreement (kappa) with the scorer."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", envvar="AIRD_JUDGE_MODEL",

@@ -24,6 +24,12 @@ def default_engine() -> str:
     return os.environ.get("AIRD_ENGINE") or "auto"
 
 
+def default_scorer() -> str:
+    """``$AIRD_SCORER`` when set (the test suite sets ``substring``: tiny models need no judge model), else
+    ``classifier``, the judge that agrees best with people (docs/judges.md)."""
+    return os.environ.get("AIRD_SCORER") or "classifier"
+
+
 def _zero_shot_tasks() -> tuple[str, ...]:
     from aird.core.zeroshot import ZERO_SHOT_TASKS
 
@@ -146,8 +152,8 @@ class EvalConfig:
     task_limit: int | None = None         # examples per zero-shot task (None: same as limit)
     alpaca_n: int = 100
     max_new_tokens: int = 64
-    scorer: str = "substring"             # the judge whose verdicts make ASR and over-refusal
-    judges: list[str] = field(default_factory=list)   # more judges, each verdict recorded beside the scorer's
+    scorer: str = field(default_factory=default_scorer)   # the judge whose verdicts make ASR and over-refusal
+    judges: list[str] = field(default_factory=list)   # more judges, each verdict recorded beside the scorer's (substring always)
     system_prompt: str | None = None
     seed: int = 42
     selection: str = "stratified"         # how --limit picks prompts (recorded: older runs took the first N)

@@ -257,7 +257,9 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
         raise AirdError(f"unknown suite {unknown[0]!r}; use safety, utility or all.")
     cfg.validate(suites)
     scorer = plugins.get("scorer", cfg.scorer)
-    extra = {name: plugins.get("scorer", name) for name in cfg.judges if name != cfg.scorer}
+    # the reference substrings are free and the paper's judge: their verdicts are always kept beside another scorer's
+    extra = {name: plugins.get("scorer", name) for name in dict.fromkeys([*cfg.judges, "substring"])
+             if name != cfg.scorer}
     for judge in (scorer, *extra.values()):
         if "safety" in suites and hasattr(judge, "prepare"):
             judge.prepare()     # a judge model that is missing stops the run before any answer is generated
@@ -282,6 +284,7 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
             if (name, i) not in done_keys]
     n_tokens, t0 = 0, time.perf_counter()
     engine_info: dict = {}
+    judge_s: dict[str, float] = {}
     if todo:
         with session(cfg.engine, lm, {"batch_size": cfg.batch_size, "seed": cfg.seed, **cfg.engine_options},
                      say=rep.note, n_prompts=len(todo)) as sess:
@@ -293,10 +296,16 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
                     chunk = todo[s : s + step]
                     raw = [p.instruction for *_, p in chunk]
                     texts = [lm.adapter.format(lm.tokenizer, x, cfg.system_prompt) for x in raw]
-                    gens, refused, scores = answer_and_judge(lm, texts, raw, scorer, cfg.max_new_tokens,
-                                                             cfg.batch_size, progress=advance, sess=sess)
+                    gens, scores = answer(sess, lm, texts, cfg.max_new_tokens, cfg.batch_size, advance)
                     scores = scores.tolist()
-                    others = {j: verdicts(obj, raw, [g.text for g in gens], scores) for j, obj in extra.items()}
+                    said = [g.text for g in gens]
+                    verdicts_by = {}
+                    for j, obj in {scorer.name: scorer, **extra}.items():   # each judge timed on its own
+                        tj = time.perf_counter()
+                        verdicts_by[j] = verdicts(obj, raw, said, scores)
+                        judge_s[j] = judge_s.get(j, 0.0) + time.perf_counter() - tj
+                    refused = verdicts_by.pop(scorer.name)
+                    others = verdicts_by
                     new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
                                       origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction,
                                       completion=g.text, refused=bool(rf), refusal_score=sc,
@@ -306,7 +315,8 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
                     n_tokens += sum(g.n_new_tokens for g in gens)
                     append_jsonl(jsonl, new)
                     records.extend(new)
-            engine_info["generate_s"] = round(time.perf_counter() - t_gen, 3)
+            engine_info["generate_s"] = round(time.perf_counter() - t_gen - sum(judge_s.values()), 3)
+            engine_info["judge_s"] = {j: round(v, 3) for j, v in judge_s.items()}
     timings["safety"] = round(time.perf_counter() - t0, 3)
     perplexity = None
     zero_shot: dict[str, dict] = {}

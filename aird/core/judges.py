@@ -136,7 +136,12 @@ def validate(judges: list[str], datasets: list[str], limit: int | None = None, s
             load_s = time.perf_counter() - t_load
             with rep.stage(f"judge {name} on {ds} ({len(rows)} answers)", 1) as advance:
                 t = time.perf_counter()
-                pred = obj.refused([r.prompt for r in rows], [r.completion for r in rows])
+                heldout = ds in getattr(obj, "trained_on", ())
+                if heldout:    # trained on this data set: each row judged by a fit that never saw its cell
+                    pred = obj.refused_heldout([r.prompt for r in rows], [r.completion for r in rows],
+                                               [r.group for r in rows])
+                else:
+                    pred = obj.refused([r.prompt for r in rows], [r.completion for r in rows])
                 sec = time.perf_counter() - t
                 advance(1)
             out.append({"record": "judges.validation", "judge": name, "dataset": ds, **agreement(pred, gold),
@@ -144,7 +149,9 @@ def validate(judges: list[str], datasets: list[str], limit: int | None = None, s
                         "by_group": {g: agreement([p for p, r in zip(pred, rows) if r.group == g],
                                                   [r.refusal for r in rows if r.group == g])["kappa"]
                                      for g in sorted({r.group for r in rows})},
-                        "limit": limit, "seed": seed, **_judge_info(obj)})
+                        "limit": limit, "seed": seed, **_judge_info(obj),
+                        **({"cross_fitted": "each row judged by a classifier fitted without its answering model "
+                                            "and its prompt's fold"} if heldout else {})})
         for pub in sorted({k for r in rows for k in r.published}):
             keep = [r for r in rows if pub in r.published]
             out.append({"record": "judges.validation", "judge": f"published:{pub}", "dataset": ds,
