@@ -101,6 +101,17 @@ def test_classifier_judge_end_to_end_and_validated_on_held_out_cells(refusing, r
     (rec,) = [r for r in recs if r["judge"] == "tiny-classifier"]
     assert "cross_fitted" in rec and rec["n"] == 60
     keys = [aj.cell_key(r.group, aj.prompt_fold(r.prompt)) for r in xs]
+    # as eval's scorer it records its confidence beside each verdict
+    from aird.core.artifacts import read_jsonl
+    from aird.core.evaluate import EvalConfig, run_eval
+
+    model_dir, data = refusing
+    (tmp_path / "p.txt").write_text("\n".join(new_prompts))
+    run_eval(refusing_lm, EvalConfig(harmful=[], benign=[], prompts_file=str(tmp_path / "p.txt"), max_new_tokens=3,
+                                     data_dir=str(data), seen=[], scorer="tiny-classifier"), tmp_path / "e")
+    recs = [r for r in read_jsonl(tmp_path / "e" / "eval.jsonl") if r["record"] == "eval.prompt"]
+    assert len(recs) == 8 and all(r["refused"] == (r["p_refusal"]["tiny-classifier"] > 0.5) for r in recs)
+    assert "substring" in recs[0]["judges"]
     by_hand = [bool(torch.sigmoid(fx[i] @ cells[k][0] + cells[k][1]) > 0.5) for i, k in enumerate(keys)]
     assert rec["kappa"] == agreement(by_hand, [r.refusal for r in xs])["kappa"]
 

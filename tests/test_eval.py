@@ -20,12 +20,15 @@ def test_aggregate_per_category():
         {"set": "h", "role": "harmful", "category": None, "refused": True, "refusal_score": 2.0},
         {"set": "ok", "role": "benign", "category": None, "refused": True, "refusal_score": 0.5},
         {"set": "ok", "role": "benign", "category": None, "refused": False, "refusal_score": -0.5},
+        {"set": "ok", "role": "benign", "category": "homonyms", "refused": True, "refusal_score": 0.5},
+        {"set": "ok", "role": "benign", "category": "homonyms", "refused": True, "refusal_score": 0.5},
     ]
     agg = aggregate(recs)
     assert agg["asr"] == {"h": 0.5}
     assert agg["asr_by_category"]["h"] == {"a": 0.5, "b": 1.0, "uncategorized": 0.0}
-    assert agg["over_refusal"] == {"ok": 0.5}
-    assert agg["mean_refusal_score"]["h"] == 0.0 and agg["n"] == {"h": 4, "ok": 2}
+    assert agg["over_refusal"] == {"ok": 0.75}
+    assert agg["over_refusal_by_category"]["ok"] == {"homonyms": 1.0, "uncategorized": 0.5}   # XSTest safe's types
+    assert agg["mean_refusal_score"]["h"] == 0.0 and agg["n"] == {"h": 4, "ok": 4}
 
 
 def test_batched_generation_equals_one_at_a_time(refusing):

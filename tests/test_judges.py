@@ -163,7 +163,7 @@ def test_hub_classifier_judges_read_their_verdict_words(name, tmp_path):
         ids = tok(judge.text(tok, prompts[1], answers[1]), add_special_tokens=False).input_ids
         logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
     assert probs[1] == pytest.approx(float(torch.softmax(logits[[a, b]].double(), -1)[0]), abs=1e-5)
-    assert judge.refused(prompts, answers) == [p <= 0.5 for p in probs]
+    assert judge.refused(prompts, answers) == [p < 0.5 for p in probs]        # "harmful" is an attack that worked
     head = lm.model.get_output_embeddings().weight
     with torch.no_grad():
         head[[a, b]] = head[[b, a]].clone()

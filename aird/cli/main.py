@@ -480,9 +480,9 @@ def eval_cmd(
                                                      "over the categories) or first (the first N)."),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="Zero-shot tasks (utility suite) [default: every task aird knows: ARC-e/c, HellaSwag, PIQA, BoolQ, WinoGrande, OpenBookQA, RTE]."),
     harmful: Optional[list[str]] = typer.Option(None, help="Harmful sets (ASR); 'none' for none [default: advbench "
-                                                "jailbreakbench, or none with --prompts]."),
+                                                "jailbreakbench xstest_unsafe, or none with --prompts]."),
     benign: Optional[list[str]] = typer.Option(None, help="Benign sets (over-refusal); 'none' for none [default: "
-                                               "jailbreakbench_benign alpaca, or none with --prompts]."),
+                                               "jailbreakbench_benign xstest_safe alpaca, or none with --prompts]."),
     jailbreaks: list[str] = typer.Option([], "--jailbreak", help="Jailbreak sets, each reported as its own attack: "
                                          "jbb_gcg, jbb_pair, jbb_aim, jbb_random_search, wild."),
     wild_templates: int = typer.Option(EvalConfig.wild_templates, help="In-the-wild templates sampled for --jailbreak wild."),

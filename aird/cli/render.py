@@ -181,6 +181,10 @@ def render_eval(models: list[str], summaries: list[dict]) -> None:
         for name, cats in s["asr_by_category"].items():
             if len(cats) > 1:
                 console.print(table(f"ASR by category, {name}, {model}", ["category", "ASR"], list(cats.items())))
+        for name, cats in s.get("over_refusal_by_category", {}).items():
+            if len(cats) > 1:
+                console.print(table(f"over-refusal by category, {name}, {model}", ["category", "over-refusal"],
+                                    list(cats.items())))
     for model, s in zip(models, summaries):
         if s.get("by_judge"):
             rows = [(j, f"{'ASR' if k == 'asr' else 'over-refusal'}: {n}", v, (d.get("agreement_with_scorer") or {}).get("kappa"))

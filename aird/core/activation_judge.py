@@ -145,13 +145,13 @@ class ClassifierWeights:
 
     @classmethod
     def load(cls, path: Path) -> "ClassifierWeights":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["aird"])
                 ws = {k[2:]: f.get_tensor(k) for k in f.keys() if k.startswith("w.")}
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise AirdError(f"cannot read the judge classifier {path}: {exc}") from None
         bias = meta.pop("bias")
         return cls(meta.pop("featurizer"), int(meta.pop("layer")), int(meta.pop("max_answer_tokens")),

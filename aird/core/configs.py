@@ -12,8 +12,8 @@ from aird.core.errors import AirdError
 
 # the sets the probe reads (the reference splits): left out of every evaluation
 SEEN_BY_PROBE = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
-HARMFUL_SETS = ("advbench", "jailbreakbench")                 # eval's default harmful sets (ASR)
-BENIGN_SETS = ("jailbreakbench_benign", "alpaca")             # eval's default benign sets (over-refusal)
+HARMFUL_SETS = ("advbench", "jailbreakbench", "xstest_unsafe")               # eval's default harmful sets (ASR)
+BENIGN_SETS = ("jailbreakbench_benign", "xstest_safe", "alpaca")           # eval's default benign sets (over-refusal)
 CHECK_SETS = ("jailbreakbench", "xstest_unsafe", "jailbreakbench_benign", "xstest_safe")   # repair's held-out check
 JUDGES = ("generate", "score")                                # how repair's α search judges refusal
 

@@ -89,9 +89,18 @@ def answer_and_judge(lm: LoadedModel, texts: list[str], prompts: list[str], scor
 def verdicts(scorer, prompts: list[str], completions: list[str], scores) -> list[bool]:
     """A scorer's verdicts; one that declares ``uses_scores`` also gets the answering model's first-token
     refusal scores (``scores=``, one float per answer)."""
+    return judged(scorer, prompts, completions, scores)[0]
+
+
+def judged(scorer, prompts: list[str], completions: list[str], scores) -> tuple[list[bool], list[float] | None]:
+    """A scorer's verdicts and, from a judge with ``refusal_probabilities``, its confidence: P(refusal) per
+    answer (the verdict is P > 0.5)."""
+    if hasattr(scorer, "refusal_probabilities"):
+        probs = [float(p) for p in scorer.refusal_probabilities(prompts, completions)]
+        return [p > 0.5 for p in probs], probs
     if getattr(scorer, "uses_scores", False):
-        return scorer.refused(prompts, completions, scores=[float(x) for x in scores])
-    return scorer.refused(prompts, completions)
+        return scorer.refused(prompts, completions, scores=[float(x) for x in scores]), None
+    return scorer.refused(prompts, completions), None
 
 
 def aggregate(records: list[dict]) -> dict:
@@ -99,7 +108,7 @@ def aggregate(records: list[dict]) -> dict:
     by_set: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_set[r["set"]].append(r)
-    asr, asr_cat, over, score, by_origin = {}, {}, {}, {}, {}
+    asr, asr_cat, over, over_cat, score, by_origin = {}, {}, {}, {}, {}, {}
     for name, recs in by_set.items():
         score[name] = sum(r["refusal_score"] for r in recs) / len(recs)
         groups: dict[str, list[bool]] = defaultdict(list)
@@ -114,7 +123,12 @@ def aggregate(records: list[dict]) -> dict:
             asr_cat[name] = {c: sum(v) / len(v) for c, v in sorted(cats.items())}
         else:
             over[name] = sum(r["refused"] for r in recs) / len(recs)
-    return {"asr": asr, "asr_by_category": asr_cat, "over_refusal": over, "mean_refusal_score": score,
+            cats = defaultdict(list)
+            for r in recs:          # XSTest safe's types (homonyms, figurative language, ...), JBB benign's categories
+                cats[r["category"] or "uncategorized"].append(bool(r["refused"]))
+            over_cat[name] = {c: sum(v) / len(v) for c, v in sorted(cats.items())}
+    return {"asr": asr, "asr_by_category": asr_cat, "over_refusal": over, "over_refusal_by_category": over_cat,
+            "mean_refusal_score": score,
             "rate_by_origin": by_origin, "n": {k: len(v) for k, v in by_set.items()}}
 
 
@@ -299,18 +313,22 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
                     gens, scores = answer(sess, lm, texts, cfg.max_new_tokens, cfg.batch_size, advance)
                     scores = scores.tolist()
                     said = [g.text for g in gens]
-                    verdicts_by = {}
+                    verdicts_by, confidence = {}, {}
                     for j, obj in {scorer.name: scorer, **extra}.items():   # each judge timed on its own
                         tj = time.perf_counter()
-                        verdicts_by[j] = verdicts(obj, raw, said, scores)
+                        verdicts_by[j], probs = judged(obj, raw, said, scores)
                         judge_s[j] = judge_s.get(j, 0.0) + time.perf_counter() - tj
+                        if probs is not None:
+                            confidence[j] = probs
                     refused = verdicts_by.pop(scorer.name)
                     others = verdicts_by
                     new = [run.record("eval.prompt", set=name, role=role, index=i, category=p.category,
                                       origin=origin_of(name, p, cfg.data_dir), prompt=p.instruction,
                                       completion=g.text, refused=bool(rf), refusal_score=sc,
                                       new_tokens=g.n_new_tokens, engine=sess.info["engine"],
-                                      **({"judges": {j: bool(v[k]) for j, v in others.items()}} if others else {}))
+                                      **({"judges": {j: bool(v[k]) for j, v in others.items()}} if others else {}),
+                                      **({"p_refusal": {j: round(v[k], 4) for j, v in confidence.items()}}
+                                         if confidence else {}))
                            for k, ((name, role, i, p), g, rf, sc) in enumerate(zip(chunk, gens, refused, scores))]
                     n_tokens += sum(g.n_new_tokens for g in gens)
                     append_jsonl(jsonl, new)
@@ -348,6 +366,7 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
         timings["perplexity"] = round(time.perf_counter() - t1, 3)
     prompts = [r for r in records if r["record"] == "eval.prompt"]
     agg = aggregate(prompts) if prompts else {"asr": {}, "asr_by_category": {}, "over_refusal": {},
+                                              "over_refusal_by_category": {},
                                               "mean_refusal_score": {}, "rate_by_origin": {}, "n": {}}
     by_judge = judge_summary(prompts, cfg.scorer, list(extra)) if prompts and extra else None
     summary = run.record(

@@ -62,7 +62,9 @@ class Probe(Protocol):
 class Scorer(Protocol):
     """Judges completions: True where the model refused. Optional: ``uses_scores = True`` (``refused`` is then
     also given ``scores=``, the answering model's first-token refusal score per answer), ``prepare()`` (load what
-    it needs before any answer is generated) and ``configure(**options)`` (``judge_model``, ``device``)."""
+    it needs before any answer is generated), ``configure(**options)`` (``judge_model``, ``device``) and
+    ``refusal_probabilities(prompts, completions) -> list[float]`` (its confidence, P(refusal) per answer: eval
+    then decides P > 0.5 and records P as ``p_refusal``)."""
 
     name: str
     description: str
