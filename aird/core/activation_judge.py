@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from aird.core.errors import AirdError
+from aird.core.forward import batches_of_ids
+from aird.core.hooks import capture_resid
 
 FOLDS = 5
 PROMPT_CHARS = 600        # longer prompts keep their first and last 300 characters: a jailbreak's request often ends it
@@ -57,48 +59,32 @@ def answer_features(lm, prompts: list[str], completions: list[str], layers: list
     blocks = adapter.layers(lm.model)
     if not layers or max(layers) >= len(blocks) or min(layers) < 0:
         raise AirdError(f"feature layers {layers} are not layers of a {len(blocks)}-layer model.")
-    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
     out = {layer: torch.empty((len(rows), lm.model.config.hidden_size)) for layer in layers}
     store: dict[int, torch.Tensor] = {}
-    deepest = max(layers)
 
-    def hook(module, args, kwargs, i):
-        store[i] = args[0] if args else kwargs["hidden_states"]
-        if i == deepest:
-            raise _Stop
+    def stop(module, args, kwargs):     # registered after capture_resid's hook: the deepest layer is stored first
+        raise _Stop
 
-    handles = [blocks[i].register_forward_pre_hook(lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True)
-               for i in layers]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(order), max(1, batch_size)):
-                chunk = order[s: s + batch_size]
-                seqs = [rows[i][0] + (rows[i][1] or []) for i in chunk]
-                n_ans = [max(1, len(rows[i][1])) for i in chunk]
-                width = max(len(q) for q in seqs)
-                inp = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                sel = torch.zeros((len(chunk), width), dtype=torch.float32)
-                for r, q in enumerate(seqs):
-                    inp[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
-                    mask[r, width - len(q):] = 1
-                    sel[r, width - n_ans[r]:] = 1.0 / n_ans[r]
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                store.clear()
+    with torch.inference_mode(), capture_resid(lm, store, None, layers):
+        handle = blocks[max(layers)].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            for b in batches_of_ids(lm, [head + ans for head, ans in rows], batch_size):
+                width = b.input_ids.shape[1]
+                sel = torch.zeros((len(b.idx), width))     # the mean over each row's reply tokens (left padded)
+                for r, i in enumerate(b.idx):
+                    n_ans = max(1, len(rows[i][1]))
+                    sel[r, width - n_ans:] = 1.0 / n_ans
                 try:
-                    lm.model(input_ids=inp.to(lm.device), attention_mask=mask.to(lm.device),
-                             position_ids=pos.to(lm.device), use_cache=False, logits_to_keep=1)
+                    lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                             use_cache=False, logits_to_keep=1)
                 except _Stop:
                     pass
                 for layer in layers:
-                    h = store[layer].float().cpu()
-                    out[layer][chunk] = torch.einsum("bt,btd->bd", sel, h)
+                    out[layer][b.idx] = torch.einsum("bt,btd->bd", sel, store[layer].float().cpu())
                 if progress:
-                    progress(len(chunk))
-    finally:
-        for h in handles:
-            h.remove()
+                    progress(len(b.idx))
+        finally:
+            handle.remove()
     return out
 
 

@@ -26,9 +26,13 @@ class Batch:
 def make_batches(lm: LoadedModel, texts: list[str], batch_size: int) -> list[Batch]:
     """Tokenize chat-formatted texts and group them by length so that little padding is wasted."""
     tok = lm.tokenizer
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return batches_of_ids(lm, [tok(t, add_special_tokens=False)["input_ids"] for t in texts], batch_size)
+
+
+def batches_of_ids(lm: LoadedModel, ids: list[list[int]], batch_size: int) -> list[Batch]:
+    """Left-padded, length-sorted batches of token id lists (``make_batches`` without the tokenizing)."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    pad = tok.pad_token_id
+    pad = lm.tokenizer.pad_token_id
     batches = []
     for s in range(0, len(order), max(1, batch_size)):
         chunk = order[s : s + batch_size]
