@@ -365,3 +365,34 @@ def test_tuning_sets_by_role_and_their_errors():
         _tuning_prompts(RepairConfig(tune_on=["wikitext2"]), None, 42)
     with pytest.raises(AirdError, match="at least one harmful and one benign"):
         _tuning_prompts(RepairConfig(tune_on=["advbench"]), None, 42)
+
+
+@pytest.mark.parametrize("guard_from", ["larger", "original"])
+def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, monkeypatch, guard_from):
+    """The compressed model over-refuses more than the original: the default guard allows its rate plus 2 points,
+    guard_from="original" only the original's plus 2 points, and every trial is checked against that ceiling."""
+    from aird.core import repair as rmod
+
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    real = rmod._Evaluator.rates
+
+    def rates(self, layer):     # the compressed model (the first call) over-refuses: 0.5 of harmless prompts
+        r = real(self, layer)
+        if not rates.calls:
+            r["harmless_refusal_rate"] = 0.5
+        rates.calls += 1
+        return r
+
+    rates.calls = 0
+    monkeypatch.setattr(rmod._Evaluator, "rates", rates)
+    s = run_repair(lm, root / "probe-orig", RepairConfig(data_dir=str(data), judge="score", guard_from=guard_from),
+                   tmp_path / "g")
+    v = s["validation"]
+    orig = v["original"]["harmless_refusal_rate"]
+    assert orig < 0.5
+    expected = (orig if guard_from == "original" else 0.5) + 0.02
+    assert v["harmless_guard"] == pytest.approx(expected)
+    assert all(t["within_guard"] == (t["harmless_refusal_rate"] <= expected + 1e-9) for t in v["trials"])
+    with pytest.raises(AirdError, match="--guard-from"):
+        RepairConfig(guard_from="compressed").validate()

@@ -410,6 +410,10 @@ def repair_cmd(
     scorer: str = typer.Option(RepairConfig.scorer, help="Scorer plugin of the generate judge."),
     compressed_probe: Optional[Path] = typer.Option(None, help="Probe folder of the compressed model (its source layer)."),
     guard: float = typer.Option(RepairConfig.guard, help="Allowed rise of the harmless refusal rate."),
+    guard_from: str = typer.Option(RepairConfig.guard_from, help="What the guard allows a rise over: larger (the "
+                                   "original's or the compressed model's harmless refusal rate, whichever is higher) "
+                                   "or original (the original model's: the repair must also undo compression's "
+                                   "over-refusal)."),
     tune_on: Optional[list[str]] = typer.Option(None, "--tune-on", help="Sets α is searched on (harmful and benign; "
                                                 "see `aird data`) [default: the probe's validation splits]."),
     tune_limit: int = typer.Option(RepairConfig.tune_limit, help="Prompts per --tune-on set (stratified, seeded)."),
@@ -440,7 +444,7 @@ def repair_cmd(
         get("repair", method)
         set_threads(threads)
         lay = None if layer == "default" else (layer if layer == "auto" else _int(layer, "--layer"))
-        cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, judge=judge,
+        cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, guard_from=guard_from, judge=judge,
                            candidates=candidates, refine=refine, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,
                            tune_on=list(tune_on) if tune_on else None, tune_limit=tune_limit,

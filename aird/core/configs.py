@@ -15,6 +15,7 @@ SEEN_BY_PROBE = ("harmful_train", "harmful_val", "harmless_train", "harmless_val
 HARMFUL_SETS = ("advbench", "jailbreakbench", "xstest_unsafe")               # eval's default harmful sets (ASR)
 BENIGN_SETS = ("jailbreakbench_benign", "xstest_safe", "alpaca")           # eval's default benign sets (over-refusal)
 CHECK_SETS = ("jailbreakbench", "xstest_unsafe", "jailbreakbench_benign", "xstest_safe")   # repair's held-out check
+GUARD_FROM = ("larger", "original")                           # what repair's over-refusal guard is anchored on
 JUDGES = ("generate", "score")                                # how repair's α search judges refusal
 
 
@@ -90,6 +91,7 @@ class RepairConfig:
     matrix: str = "both"                 # attn | mlp | both
     alpha: float | str = "auto"
     guard: float = 0.02                  # harmless refusal rate may rise at most this much
+    guard_from: str = "larger"           # over what: the larger of the original's and the compressed model's rate, or the original's
     judge: str = "generate"              # generate (as eval judges) | score (first-token refusal score > 0)
     scorer: str = "substring"            # the scorer plugin of the generate judge
     max_new_tokens: int = 24             # the generate judge's answer length (refusal phrases come first)
@@ -127,6 +129,8 @@ class RepairConfig:
                 raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")
         if not 0 <= self.guard < 1:
             raise AirdError(f"--guard must be in [0, 1), not {self.guard!r}.")
+        if self.guard_from not in GUARD_FROM:
+            raise AirdError(f"--guard-from must be {' or '.join(GUARD_FROM)}, not {self.guard_from!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
             raise AirdError(f"--ridge must be a positive number, not {self.ridge!r}.")
         if isinstance(self.layer, int) and self.layer < 0:

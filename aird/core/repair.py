@@ -473,7 +473,11 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
             compressed = ev.rates(candidates[0][0])
         rates = ev.rates
     before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
-    guard = max(original["harmless_refusal_rate"], compressed["harmless_refusal_rate"]) + cfg.guard
+    # anchored on the original model's harmless refusal rate, or (default) on the larger of it and the compressed
+    # model's, when compression already raised over-refusal and restoring it is not the repair's job
+    anchor = original["harmless_refusal_rate"] if cfg.guard_from == "original" else \
+        max(original["harmless_refusal_rate"], compressed["harmless_refusal_rate"])
+    guard = anchor + cfg.guard
     target = original["harmful_refusal_rate"]
     trials = []
     early = cfg.judge == "generate"
