@@ -1,4 +1,4 @@
-from aird.cli.main import main
+from aird.cli.entry import main
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,16 @@ def _kill_at(cmd: list, delay: float, sig: int) -> int:
         proc.send_signal(sig)
     proc.wait(timeout=300)
     return proc.returncode
+
+
+def test_sigterm_while_the_cli_is_still_importing_exits_143():
+    """A SIGTERM during start-up (torch and transformers take seconds to import) ends like one during a command:
+    exit 143, not death by signal (-15)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aird", "plugins"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read()
 
 
 def _eval_cmd(model, data, out):

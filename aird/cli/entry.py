@@ -1,0 +1,18 @@
+"""The process entry of `aird` and `python -m aird`: a SIGTERM that arrives while the CLI is still importing (torch,
+transformers: seconds) ends the process like one that arrives later, with exit 143, instead of the default death
+by signal; the CLI's own handler (aird/core/reliability.py) takes over once a command runs."""
+
+from __future__ import annotations
+
+import signal
+
+
+def _terminated_while_starting(signum, frame):
+    raise SystemExit(143)     # nothing has been written yet: there is nothing to clean up
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated_while_starting)
+    from aird.cli.main import main as cli_main
+
+    cli_main()
