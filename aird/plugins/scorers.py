@@ -169,9 +169,9 @@ class ClassifierJudge:
             from pathlib import Path
 
             from aird.core.activation_judge import ClassifierWeights
+            from aird.core.data import PACKAGE_DATA
 
-            path = Path(self.weights_path) if self.weights_path else \
-                Path(__file__).resolve().parent.parent / "data" / "judges" / "classifier.safetensors"
+            path = Path(self.weights_path) if self.weights_path else PACKAGE_DATA / "judges" / "classifier.safetensors"
             if not path.is_file():
                 raise AirdError(f"the classifier judge's weights {path} are missing; train them with "
                                 "scripts/train_judge_classifier.py.")
