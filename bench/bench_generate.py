@@ -1,7 +1,7 @@
 """Benchmark: greedy generation by engine, side by side on the same prompts, and how far the engines agree.
 
     python bench/bench_generate.py [--model default] [--n 0] [--max-new-tokens 32] [--engines hf vllm vllm:bfloat16]
-                                   [--record FILE]
+                                   [--keep DIR] [--timeout S] [--record FILE]
     python bench/bench_generate.py --one-at-a-time [--n 32] [--max-new-tokens 64]   # batching vs one prompt at a time
 
 Each engine runs in its own process (so its start-up and peak RAM are its own): the default model, AdvBench's
@@ -10,6 +10,11 @@ for vLLM also compiling and warm-up), generation s, generated tokens/s, the usef
 tokens) × 2 · parameters ÷ generation s) against the fp32 matmul peak measured in the same run, peak RSS; and
 against the first engine: the substring judge's verdict agreement, the share of answers whose first 16 tokens
 are identical, and the largest refusal-score difference (each engine's score as ``aird eval`` records it).
+
+``--keep DIR`` keeps each engine's results (``DIR/<engine>.json``) and reuses them on the next run, so a long
+comparison resumes and a worker that is stopped loses only its own row; ``--timeout S`` stops a worker after S
+seconds and reports it as not finished. Each worker prints its stages (start-up, generation, score) as it ends
+them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ def _prompts(n: int):
     return rows if n in (0, None) or n >= len(rows) else sample(rows, n, 0)
 
 
+def _say(engine: str, line: str) -> None:
+    print(f"[{engine}] {line}", file=sys.stderr, flush=True)
+
+
 def worker(args) -> None:
     """One engine in this process: answer, judge, score; write the results as JSON to ``args.out``."""
     from aird.core import engines, plugins
@@ -53,9 +62,11 @@ def worker(args) -> None:
         if name == "hf":
             sess.generate(texts[:2], 4)          # warm-up, as vLLM's start-up includes its own
         startup = time.perf_counter() - t0
+        _say(args.worker, f"start-up {startup:.1f} s")
         t = time.perf_counter()
         gens = sess.generate(texts, args.max_new_tokens)
         gen_s = time.perf_counter() - t
+        _say(args.worker, f"generation {gen_s:.1f} s, {sum(g.n_new_tokens for g in gens)} new tokens")
     t = time.perf_counter()
     if all(g.first_logits is not None for g in gens):     # hf: the score from its first-step logits
         import torch
@@ -66,6 +77,7 @@ def worker(args) -> None:
     else:                                                 # vLLM keeps none: one prefill of the hf model
         scores = engines.prompt_refusal_scores(lm, texts, args.batch_size)
     score_s = time.perf_counter() - t
+    _say(args.worker, f"refusal scores {score_s:.1f} s")
     refused = plugins.get("scorer", "substring").refused(prompts, [g.text for g in gens])
     prompt_tokens = sum(len(tok(x, add_special_tokens=False).input_ids) for x in texts)
     Path(args.out).write_text(json.dumps({
@@ -107,6 +119,8 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"], help="ENGINE or ENGINE:DTYPE, first = baseline")
     ap.add_argument("--one-at-a-time", action="store_true", help="hf batched against one prompt at a time")
     ap.add_argument("--record", type=Path)
+    ap.add_argument("--keep", type=Path, help="keep (and reuse) each engine's results in this folder")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds a worker may run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -117,12 +131,25 @@ def main() -> None:
     peak = matmul_peak(set_threads())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        keep = args.keep or Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
         for e in args.engines:
-            out = Path(tmp) / "r.json"
-            cmd = [sys.executable, __file__, "--worker", e, "--out", str(out), "--model", args.model, "--n",
-                   str(args.n), "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
-            subprocess.run(cmd, check=True)
+            tag = f"{e.replace(':', '-')}-{args.model.replace('/', '_')}-n{args.n}-t{args.max_new_tokens}"
+            out = keep / f"{tag}.json"
+            if not out.is_file():
+                cmd = [sys.executable, __file__, "--worker", e, "--out", str(out.with_suffix(".part")), "--model",
+                       args.model, "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
+                       "--batch-size", str(args.batch_size)]
+                t = time.perf_counter()
+                try:
+                    subprocess.run(cmd, check=True, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"[{e}] did not finish in {time.perf_counter() - t:.0f} s: no row", file=sys.stderr)
+                    continue
+                out.with_suffix(".part").replace(out)
             results.append(json.loads(out.read_text()))
+    if not results:
+        sys.exit("no engine finished")
     base = results[0]
     cmd = (f"`python bench/bench_generate.py --model {args.model} --n {args.n} --max-new-tokens "
            f"{args.max_new_tokens} --engines {' '.join(args.engines)}`")

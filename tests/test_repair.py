@@ -327,6 +327,34 @@ def test_ridge_repair_moves_projections_towards_the_original(study, tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
+def test_ridge_fit_on_post_instruction_tokens_reads_only_those_rows(study, tmp_path):
+    """--fit-positions post fits each calibration prompt's post-instruction tokens only: the rows are exactly the
+    last k of each prompt's rows (k = the template's post-instruction tokens), and the repair records that many."""
+    from aird.core.probe import config_from_record, format_prompts, load_prompt_sets, load_probe
+    from aird.core.repair import writer_rows
+
+    root, data = study
+    summary, direction, _ = load_probe(root / "probe-orig")
+    unit = direction / direction.norm()
+    pcfg = config_from_record(summary["config"])
+    pcfg.data_dir = str(data)
+    sets = load_prompt_sets(pcfg)
+    lm = load_model(str(root / "pruned"), device="cpu")
+    texts = format_prompts(lm, sets.harmful_train + sets.harmless_train, None)
+    k = len(lm.adapter.post_instruction_positions(lm.tokenizer))
+    x_all, p_all, g_all = writer_rows(lm, texts, 1, ["attn"], unit, 5)
+    x_post, p_post, g_post = writer_rows(lm, texts, 1, ["attn"], unit, 5, last=k)
+    assert len(p_post) == k * len(texts) and len(p_all) > len(p_post)
+    for i in range(len(texts)):    # the same values as the last k rows of that prompt among all its rows
+        mine, post = g_all == i, g_post == i
+        assert torch.allclose(p_all[mine][-k:], p_post[post], atol=1e-5)
+        assert torch.allclose(x_all[mine][-k:], x_post[post], atol=1e-5)
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer=1, matrix="attn", alpha=1.0,
+                                                         judge="score", check_on=[], data_dir=str(data),
+                                                         fit_positions="post"), tmp_path / "ridge-post")
+    assert s["fit"]["rows"] == k * len(texts) and s["config"]["fit_positions"] == "post"
+
+
 def test_repair_check_on_prompts_the_tuning_never_saw(study, tmp_path):
     root, data = study
     lm = load_model(str(root / "pruned"), device="cpu")
@@ -396,3 +424,5 @@ def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, m
     assert all(t["within_guard"] == (t["harmless_refusal_rate"] <= expected + 1e-9) for t in v["trials"])
     with pytest.raises(AirdError, match="--guard-from"):
         RepairConfig(guard_from="compressed").validate()
+    with pytest.raises(AirdError, match="--fit-positions must be all or post"):
+        RepairConfig(fit_positions="last").validate()

@@ -424,6 +424,9 @@ def repair_cmd(
     check_limit: int = typer.Option(RepairConfig.check_limit, help="Prompts per --check-on set (stratified, seeded)."),
     ridge: Optional[float] = typer.Option(None, help="Fitting methods: relative ridge [default: chosen by "
                                                      "cross-validation over whole prompts]."),
+    fit_positions: str = typer.Option(RepairConfig.fit_positions, help="Fitting methods: the tokens of each "
+                                      "calibration prompt fitted: all, or post (the post-instruction tokens, where "
+                                      "the reply is decided)."),
     batch_size: int = typer.Option(RepairConfig.batch_size),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
@@ -448,7 +451,7 @@ def repair_cmd(
                            candidates=candidates, refine=refine, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,
                            tune_on=list(tune_on) if tune_on else None, tune_limit=tune_limit,
-                           check_limit=check_limit, ridge=ridge,
+                           check_limit=check_limit, ridge=ridge, fit_positions=fit_positions,
                            batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
         if check_on:
             cfg.check_on = [] if check_on == ["none"] else list(check_on)

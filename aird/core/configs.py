@@ -84,6 +84,9 @@ class CompressConfig:
     format: str = "auto"                         # auto | dense | compressed-tensors
 
 
+FIT_POSITIONS = ("all", "post")
+
+
 @dataclass
 class RepairConfig:
     method: str = "aird"
@@ -103,6 +106,7 @@ class RepairConfig:
     check_on: list[str] = field(default_factory=lambda: list(CHECK_SETS))   # held-out check after the repair
     check_limit: int = 50                # prompts per check set (stratified, seeded); 0 or [] skips the check
     ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
+    fit_positions: str = "all"           # fitting repairs: the tokens fitted: every prompt token, or the post-instruction ones
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None
@@ -131,6 +135,8 @@ class RepairConfig:
             raise AirdError(f"--guard must be in [0, 1), not {self.guard!r}.")
         if self.guard_from not in GUARD_FROM:
             raise AirdError(f"--guard-from must be {' or '.join(GUARD_FROM)}, not {self.guard_from!r}.")
+        if self.fit_positions not in FIT_POSITIONS:
+            raise AirdError(f"--fit-positions must be {' or '.join(FIT_POSITIONS)}, not {self.fit_positions!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
             raise AirdError(f"--ridge must be a positive number, not {self.ridge!r}.")
         if isinstance(self.layer, int) and self.layer < 0:

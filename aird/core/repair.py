@@ -189,8 +189,8 @@ def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
 # ---- fitting repairs: the rank-one update r̂ uᵀ by ridge regression -----------------------------------------
 
 def writer_rows(lm: LoadedModel, texts: list[str], layer: int, mats: list[str], unit: torch.Tensor,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At every prompt token: the inputs of the matrices ``mats`` of block ``layer``, concatenated ([N, Σ d_in];
+                batch_size: int, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At every prompt token (or only the ``last`` tokens of each prompt: the post-instruction ones): the inputs of the matrices ``mats`` of block ``layer``, concatenated ([N, Σ d_in];
     empty with no matrices), the residual stream's projection on r̂ after that block ([N]), and the index of the
     token's prompt ([N])."""
     block = lm.adapter.layers(lm.model)[layer]
@@ -212,6 +212,9 @@ def writer_rows(lm: LoadedModel, texts: list[str], layer: int, mats: list[str], 
             for b in make_batches(lm, texts, batch_size):
                 run_model(lm, b)
                 m = b.attention_mask.bool()
+                if last is not None:      # left padded: a prompt's last tokens are the batch's last columns
+                    m = m.clone()
+                    m[:, : m.shape[1] - last] = False
                 if mods:
                     xs.append(torch.cat([cur[k][m].float() for k in range(len(mods))], -1).cpu())
                 ps.append((cur["resid"][m].float() @ u).cpu())
@@ -261,13 +264,14 @@ def fit_rank_one(x: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, ri
 
 
 def _fit_candidates(lm: LoadedModel, orig: LoadedModel, texts: list[str], candidates, unit: torch.Tensor,
-                    ridge: float | None, batch_size: int) -> dict[int, dict]:
+                    ridge: float | None, batch_size: int, last: int | None = None) -> dict[int, dict]:
     """One ridge fit per candidate: the matrices' inputs in the compressed model, the target the original
-    model's projection minus the compressed model's, after the edited block, at every calibration token."""
+    model's projection minus the compressed model's, after the edited block, at every calibration token (or
+    at each prompt's ``last`` tokens)."""
     fits = {}
     for k, (layer, mats) in enumerate(candidates):
-        x, p_c, groups = writer_rows(lm, texts, layer, mats, unit, batch_size)
-        _, p_o, _ = writer_rows(orig, texts, layer, [], unit, batch_size)
+        x, p_c, groups = writer_rows(lm, texts, layer, mats, unit, batch_size, last)
+        _, p_o, _ = writer_rows(orig, texts, layer, [], unit, batch_size, last)
         fit = fit_rank_one(x, p_o - p_c, groups, ridge)
         dims = [lm.adapter.out_proj(lm.adapter.layers(lm.model)[layer], w).in_features for w in mats]
         fit["parts"] = list(fit["u"].split(dims))
@@ -451,7 +455,9 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                 original = judge.rates(orig)
             if fitting:
                 calib = format_prompts(lm, sets.harmful_train + sets.harmless_train, pcfg.system_prompt)
-                fits = _fit_candidates(lm, orig, calib, candidates, unit, cfg.ridge, cfg.batch_size)
+                last = (len(lm.adapter.post_instruction_positions(lm.tokenizer, pcfg.system_prompt))
+                        if cfg.fit_positions == "post" else None)
+                fits = _fit_candidates(lm, orig, calib, candidates, unit, cfg.ridge, cfg.batch_size, last)
             if check is not None:
                 judged["original"] = check.refused(orig, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
                                                    cfg.batch_size)

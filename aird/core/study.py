@@ -86,7 +86,7 @@ PROFILES: dict[str, dict] = {
 REPAIR_WHEN = ("moved", "all", "never")
 # the [repair] keys passed on to RepairConfig as they are
 REPAIR_KEYS = ("guard", "guard_from", "judge", "candidates", "max_new_tokens", "tune_on", "tune_limit", "check_on", "check_limit",
-               "ridge")
+               "ridge", "fit_positions")
 
 
 def _merge(base: dict, over: dict) -> dict:
