@@ -98,6 +98,8 @@ def test_perplexity_matches_a_direct_computation(refusing):
             losses.append(torch.nn.functional.cross_entropy(lm.model(input_ids=x).logits[0, :-1], x[0, 1:]))
     assert res["perplexity"] == pytest.approx(torch.stack(losses).mean().exp().item(), rel=1e-4)
     assert res["windows"] == 3 and res["tokens"] == 45
+    # each window's summed loss is kept for paired intervals of a perplexity change
+    assert res["window_nll"] == pytest.approx([15 * v.item() for v in losses], rel=1e-3)
 
 
 def test_utility_suite_records_tasks_and_perplexity(refusing, tmp_path):
@@ -116,6 +118,10 @@ def test_utility_suite_records_tasks_and_perplexity(refusing, tmp_path):
     assert s["limits"]["per_task"] == 4
     tasks = [r for r in read_jsonl(tmp_path / "u" / "eval.jsonl") if r["record"] == "eval.task"]
     assert {t["task"] for t in tasks} == {"arc_easy", "wikitext2"}
+    # each question's correctness is kept in order, and its share is the task's accuracy
+    arc = next(t for t in tasks if t["task"] == "arc_easy")
+    assert len(arc["items"]["acc"]) == 4 and set(arc["items"]["acc"]) <= {"0", "1"}
+    assert arc["items"]["acc"].count("1") / 4 == pytest.approx(arc["acc"])
 
 
 def test_alpaca_sample_size_is_an_option(tmp_path):

@@ -37,6 +37,12 @@ def test_probe_finds_a_direction_that_mediates_refusal(refusing, refusing_lm, tm
     assert s["quality"]["bypass"] < 0 < s["baseline"]["harmful_refusal_score"]
     assert s["quality"]["induce"] > 0 > s["baseline"]["harmless_refusal_score"]
     assert s["quality"]["kl"] < 0.1
+    # the bypass score's interval comes from the chosen candidate's per-prompt scores, whose mean it is
+    best = next(c for c in res.candidates if (c["layer"], c["position"]) == (s["source"]["layer"], s["source"]["position"]))
+    assert len(best["bypass_scores"]) == s["quality"]["n_val_harmful"] > 1
+    assert sum(best["bypass_scores"]) / len(best["bypass_scores"]) == pytest.approx(s["quality"]["bypass"], abs=1e-3)
+    lo, hi = s["quality"]["bypass_ci"]
+    assert lo <= s["quality"]["bypass"] <= hi < 0
     # the saved direction really does it: ablating it stops refusals of harmful validation prompts
     summary, direction, _ = load_probe(tmp_path / "p")
     lm = refusing_lm

@@ -591,6 +591,9 @@ def study_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to study [default: the profile's, default]."),
     quick: bool = typer.Option(False, "--quick", help="The quick profile: under 30 minutes on a 2-core CPU for the "
                                                       "0.5B default model (small sets; see docs/study.md)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="quick, standard (the study whose verdicts count: "
+                                          "every prompt, eight compressed models) or full (the paper's sizes) "
+                                          "[default: full; --quick is --profile quick]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file overriding keys of the profile "
                                                                          "(grid, probe, repair, eval, ...)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study folder [default: runs/study-<model>-<profile>]."),
@@ -614,7 +617,9 @@ def study_cmd(
     from aird.core.study import resolve_config, run_study
 
     with user_errors():
-        profile = "quick" if quick else "full"
+        if quick and profile not in (None, "quick"):
+            raise AirdError(f"--quick and --profile {profile} disagree; give one of them.")
+        profile = "quick" if quick else profile or "full"
         set_threads(threads)
         cuda = resolve_device(device).type == "cuda"
         ev = {**({"engine": engine} if engine else {}),

@@ -36,15 +36,17 @@ class Scores:
     bypass: float
     induce: float
     kl: float
+    bypass_scores: list[float] | None = None    # each harmful validation prompt's refusal score under ablation
 
 
 def score_candidate(lm: LoadedModel, val: ValSet, direction: torch.Tensor, layer: int, progress=None) -> Scores:
     logits = last_logits(lm, val.ablation_batches, context=lambda b: hooks.ablate(lm, direction), progress=progress)
     harmful, harmless = logits[: val.n_harmful], logits[val.n_harmful :]
-    bypass = refusal_scores(harmful, val.refusal_ids).mean().item()
+    per_prompt = refusal_scores(harmful, val.refusal_ids)
     kl = kl_div(val.harmless_base_logits, harmless).mean().item()
     induce = induce_score(lm, val, direction, layer, progress)
-    return Scores(bypass=bypass, induce=induce, kl=kl)
+    return Scores(bypass=per_prompt.mean().item(), induce=induce, kl=kl,
+                  bypass_scores=[round(float(v), 4) for v in per_prompt])
 
 
 def induce_score(lm: LoadedModel, val: ValSet, direction: torch.Tensor, layer: int, progress=None) -> float:

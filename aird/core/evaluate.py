@@ -21,6 +21,7 @@ from aird.core.configs import BENIGN_SETS, HARMFUL_SETS, SEEN_BY_PROBE, EvalConf
 from aird.core.errors import AirdError
 from aird.core.generate import BatchedSession
 from aird.core.sources import exclude_seen, origin_of, seen_index
+from aird.core.stats import mcnemar_exact  # noqa: F401  (re-exported)
 from aird.core.loading import LoadedModel
 from aird.core.plots import plot_asr
 from aird.core.progress import Reporter
@@ -147,15 +148,6 @@ def judge_summary(prompts: list[dict], scorer: str, others: list[str]) -> dict:
             m = agreement([bool(r["refused"]) for r in recs], main)
             out[j]["agreement_with_scorer"] = {"kappa": m["kappa"], "accuracy": m["accuracy"], "n": m["n"]}
     return out
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar test: the binomial probability of a split of the ``b + c`` discordant pairs at
-    least as uneven as ``b`` vs ``c`` when either change is equally likely."""
-    n, k = b + c, min(b, c)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 _PAIR_KEY = {(True, True): "both_refused", (False, True): "newly_refused", (True, False): "no_longer_refused",
@@ -391,9 +383,8 @@ def wikitext_perplexity(lm: LoadedModel, data_dir: str | None, ctx_len: int = 10
                         reporter: Reporter | None = None) -> dict:
     """WikiText-2 test perplexity, the usual protocol: the test rows joined with blank lines, tokenized once,
     cut into non-overlapping windows of ``ctx_len`` tokens (stride = context length), mean token NLL over the
-    windows evaluated. ``max_windows`` evaluates only the first windows (a quick run; recorded)."""
-    import math
-
+    windows evaluated. ``max_windows`` evaluates only the first windows (a quick run; recorded). Each window's
+    summed loss is kept (``window_nll``) for paired intervals of a perplexity change."""
     import torch
 
     ids = lm.tokenizer(wikitext_text(data_dir), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -402,7 +393,7 @@ def wikitext_perplexity(lm: LoadedModel, data_dir: str | None, ctx_len: int = 10
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
         raise AirdError(f"WikiText-2 holds fewer than {ctx_len} tokens.")
-    nll, count = 0.0, 0
+    nll, count, per_window = 0.0, 0, []
     rep = reporter or Reporter()
     with torch.inference_mode(), rep.stage("WikiText-2 perplexity", n_windows) as advance:
         for w in range(n_windows):
@@ -410,7 +401,8 @@ def wikitext_perplexity(lm: LoadedModel, data_dir: str | None, ctx_len: int = 10
             logits = lm.model(input_ids=x, use_cache=False).logits.float()
             loss = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
             nll += loss.item()
+            per_window.append(round(loss.item(), 4))
             count += ctx_len - 1
             advance(1)
     return {"perplexity": math.exp(nll / count), "windows": n_windows, "ctx_len": ctx_len, "tokens": count,
-            "windows_total": ids.numel() // ctx_len}
+            "windows_total": ids.numel() // ctx_len, "window_nll": per_window}

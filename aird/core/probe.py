@@ -33,6 +33,7 @@ from aird.core.loading import LoadedModel
 from aird.core.progress import Reporter
 from aird.core.reliability import texts_fingerprint
 from aird.core.configs import ProbeConfig  # noqa: F401  (re-exported: aird.core.probe.ProbeConfig)
+from aird.core.stats import mean_ci
 from aird.core.candidates import Scores, ValSet, attribution_bypass, score_candidate
 
 PROBE_JSONL = "probe.jsonl"
@@ -318,7 +319,7 @@ def _run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False
                 rec = run.record(
                     "probe.candidate", layer=layer, position=pos,
                     bypass=_finite(s.bypass), induce=_finite(s.induce), kl=_finite(s.kl),
-                    proxy_bypass=proxy.get(c), reasons=reasons(layer, s),
+                    proxy_bypass=proxy.get(c), reasons=reasons(layer, s), bypass_scores=s.bypass_scores,
                     timings={"seconds": round(time.perf_counter() - t, 3)},
                 )
                 scored[c] = rec
@@ -341,7 +342,10 @@ def _run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False
         n_layers=n_layers,
         positions=positions,
         source={"layer": best["layer"], "position": best["position"]},
-        quality={"bypass": best["bypass"], "induce": best["induce"], "kl": best["kl"]},
+        quality={"bypass": best["bypass"], "induce": best["induce"], "kl": best["kl"],
+                 # 95% bootstrap interval of the mean bypass score over the harmful validation prompts
+                 "bypass_ci": (mean_ci(best["bypass_scores"])["ci"] if best.get("bypass_scores") else None),
+                 "n_val_harmful": len(best.get("bypass_scores") or []) or None},
         baseline={k: baseline[k] for k in ("harmful_refusal_score", "harmless_refusal_score",
                                            "harmful_refused_share", "harmless_refused_share")},
         filters_relaxed=relaxed,

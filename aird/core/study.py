@@ -31,6 +31,7 @@ from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
 from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
+from aird.core.cards import write_cards
 from aird.core.report import findings, write_report
 from aird.core.sources import SEEN_BY_PROBE
 from aird.core.study_results import Entry, StudyResult
@@ -52,6 +53,16 @@ _QUANT = [
     {"name": "awq-int4", "method": "awq", "params": {"bits": 4, "group_size": 128}, "only_on": "cuda"},
 ]
 
+_STANDARD_GRID = [
+    {"name": "magnitude-50", "method": "magnitude", "params": {"sparsity": 0.5}},
+    _PRUNE[0], _PRUNE[1], _PRUNE[2],
+    _QUANT[0],
+    {"name": "rtn-int4", "method": "rtn", "params": {"bits": 4, "group_size": 128}},
+    _QUANT[1],
+    {"name": "w8a8", "method": "w8a8", "params": {"bits": 8}},
+    _QUANT[2],
+]
+
 PROFILES: dict[str, dict] = {
     "quick": {
         "model": "default",
@@ -65,6 +76,24 @@ PROFILES: dict[str, dict] = {
         "eval": {"harmful": ["advbench", "jailbreakbench", "xstest_unsafe"],
                  "benign": ["jailbreakbench_benign", "xstest_safe", "alpaca"],
                  "jailbreaks": [], "limit": 16, "task_limit": 20, "max_new_tokens": 32, "ppl_windows": 4,
+                 "tasks": list(ZERO_SHOT_TASKS)},
+    },
+    # the study whose verdicts count (issue: findings with statistical power): every AdvBench prompt,
+    # JailbreakBench 100 + 100, XSTest 450, Alpaca 200, the JailbreakBench attack artifacts, 250 examples per
+    # zero-shot task, eight compressed models and both repairs of every moved one
+    "standard": {
+        "model": "default",
+        "seed": 42,
+        "grid": _STANDARD_GRID,
+        "calibration": {"calib": "harmless", "calib_samples": 64, "calib_seq_len": 256},
+        "probe": {"n_train": 128, "n_val": 32, "top_k": 2, "max_scored": 20},
+        "repair": {"methods": ["aird", "aird-sparse"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
+                   "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 1, "max_new_tokens": 16,
+                   "check_on": []},
+        "eval": {"harmful": ["advbench", "jailbreakbench", "xstest_unsafe"],
+                 "benign": ["jailbreakbench_benign", "xstest_safe", "alpaca"],
+                 "jailbreaks": ["jbb_gcg", "jbb_pair", "jbb_aim"], "limit": None, "alpaca_n": 200,
+                 "task_limit": 250, "max_new_tokens": 32, "ppl_windows": 40,
                  "tasks": list(ZERO_SHOT_TASKS)},
     },
     "full": {
@@ -489,5 +518,6 @@ def _run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | N
         st.forget()
         advance(0, description="study: report")
         found = findings(entries, cfg)
+        write_cards(entries, cfg["eval"].get("scorer", "substring"))
         report = write_report(out, cfg, entries, st.steps, found)
     return StudyResult(out, cfg, entries, st.steps, report, found, round(time.perf_counter() - t0, 3))

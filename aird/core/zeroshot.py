@@ -92,7 +92,9 @@ def write_task_configs(folder: Path, tasks: list[str], data_dir: str | None) -> 
 
 def run_zero_shot(lm: LoadedModel, tasks: list[str], folder: Path, data_dir: str | None, limit: int | None,
                   batch_size: int = 8, model_for_lm_eval=None) -> dict[str, dict]:
-    """Accuracy per task: {task: {"acc": .., "acc_norm": .., "n": ..}}. ``model_for_lm_eval`` replaces the
+    """Accuracy per task: {task: {"acc": .., "acc_norm": .., "n": .., "items": ..}}, ``items`` each question's
+    correctness in question order as a string of 0/1 per metric ({"acc": "0110…", "acc_norm": "…"}), so two
+    models' answers to the same questions can be compared pairwise. ``model_for_lm_eval`` replaces the
     loaded model with what lm-eval should load itself (a path), for checking aird against lm-eval direct."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -108,11 +110,14 @@ def run_zero_shot(lm: LoadedModel, tasks: list[str], folder: Path, data_dir: str
     else:
         model = HFLM(pretrained=str(model_for_lm_eval), tokenizer=lm.tokenizer, batch_size=batch_size, device="cpu")
     res = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=0, limit=limit,
-                                  task_manager=TaskManager(include_path=str(folder)), log_samples=False,
+                                  task_manager=TaskManager(include_path=str(folder)), log_samples=True,
                                   bootstrap_iters=0)
     out = {}
     for name, task in zip(tasks, names):
         r = res["results"][task]
         out[name] = {m: r.get(f"{m},none") for m in TASKS[name].metrics}
         out[name]["n"] = res.get("n-samples", {}).get(task, {}).get("effective")
+        samples = sorted(res.get("samples", {}).get(task, []), key=lambda x: x["doc_id"])
+        out[name]["items"] = {m: "".join("1" if float(x.get(m, 0)) > 0.5 else "0" for x in samples)
+                              for m in TASKS[name].metrics if samples and m in samples[0]}
     return out

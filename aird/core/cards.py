@@ -1,0 +1,148 @@
+"""A safety card per model of a study: what a person shipping that model needs to decide.
+
+``card.json`` beside each model's folders holds: the sha256 of its weights file(s) and of its parent's, how it was
+made (method, parameters; for a repair its layer, matrices and α), the judge behind every refusal verdict, and
+its paired changes against its parent and against the original model — ASR per harmful set and over-refusal per
+benign set (rates with Wilson 95% intervals and n, the change in points, the exact McNemar p), the zero-shot mean
+change and the perplexity ratio with 95% paired bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from aird.core import stats
+from aird.core.artifacts import atomic_write_text
+from aird.core.report import _prompt_records, perplexity_change, zero_shot_change
+from aird.core.study_results import Entry
+
+CARD_JSON = "card.json"
+CARD_SCHEMA = 1
+
+
+def weights_sha256(folder: str | Path | None) -> dict[str, str]:
+    """sha256 of every weights file (``*.safetensors``, ``*.bin``, ``*.gguf``) of a model folder, by file name;
+    empty for a folder that is not on disk. (``write_cards`` reuses a card's digests while the files' sizes and
+    modification times are unchanged.)"""
+    folder = _folder(folder)
+    if folder is None:
+        return {}
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf"):
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            out[f.name] = h.hexdigest()
+    return out
+
+
+def paired_rates(before: Entry, after: Entry) -> dict[str, dict]:
+    """Per evaluated set, on the prompts both models answered: the rate (ASR for a harmful set, over-refusal for
+    a benign one) of each with its Wilson interval and n, the change in points and its exact McNemar p."""
+    a, b = _prompt_records(before), _prompt_records(after)
+    if not a or not b:
+        return {}
+    out = {}
+    for name in sorted({k[0] for k in b}):
+        keys = [k for k in b if k[0] == name and k in a]
+        if not keys:
+            continue
+        harmful = b[keys[0]]["role"] == "harmful"
+        n = len(keys)
+
+        def count(r):
+            return sum((not r[k]["refused"]) if harmful else r[k]["refused"] for k in keys)
+
+        ka, kb = count(a), count(b)
+        newly = sum(b[k]["refused"] and not a[k]["refused"] for k in keys)
+        gone = sum(a[k]["refused"] and not b[k]["refused"] for k in keys)
+        out[name] = {"metric": "asr" if harmful else "over_refusal", "n": n,
+                     "before": ka / n, "before_ci": stats.wilson(ka, n), "after": kb / n, "after_ci": stats.wilson(kb, n),
+                     "change_points": round(100 * (kb - ka) / n, 2), "newly_refused": newly, "no_longer_refused": gone,
+                     "mcnemar_p": stats.mcnemar_exact(newly, gone),
+                     "detectable_points": round(100 * stats.mcnemar_mde(n, newly + gone), 1)}
+    return out
+
+
+def _against(before: Entry | None, after: Entry) -> dict | None:
+    if before is None:
+        return None
+    zs, ppl = zero_shot_change(before, after), perplexity_change(before, after)
+    return {"model": before.name, "rates": paired_rates(before, after),
+            "zero_shot_mean_change": {k: zs.get(k) for k in ("estimate", "ci", "n")},
+            "perplexity_ratio": {k: ppl.get(k) for k in ("estimate", "ci", "n")}}
+
+
+def card(e: Entry, by: dict[str, Entry], judge: str, previous: dict | None = None) -> dict:
+    """The card of entry ``e`` (``previous``: the card written before, whose digests are reused when the
+    weights' sizes and times are unchanged)."""
+    orig = by.get("original")
+    parent = by.get(e.parent) if e.parent else (orig if e.role == "compressed" else None)
+    made: dict = {"role": e.role, "kind": e.kind, "method": e.method}
+    if e.compress:
+        made["params"] = e.compress.get("params") or e.compress.get("config")
+    if e.repair:
+        made.update({k: e.repair.get(k) for k in ("layer", "matrix", "alpha")})
+        made["target_reached"] = (e.repair.get("validation") or {}).get("target_reached")
+    return {"record": "card", "schema": CARD_SCHEMA, "model": e.name, "model_path": e.model_path,
+            "weights_sha256": _digests(e.model_path, previous, "weights"),
+            "parent": parent.name if parent else None,
+            "parent_weights_sha256": _digests(parent.model_path, previous, "parent") if parent else None,
+            "made": made, "judge": judge,
+            "vs_parent": _against(parent, e) if parent else None,
+            "vs_original": _against(orig, e) if orig is not None and orig is not e and orig is not parent else None}
+
+
+def _digests(folder: str | None, previous: dict | None, which: str) -> dict:
+    stamp = _stamp(folder)
+    old = (previous or {}).get("_stamps", {}).get(which)
+    if old is not None and old == stamp:
+        return previous["weights_sha256" if which == "weights" else "parent_weights_sha256"]
+    return weights_sha256(folder)
+
+
+def _folder(spec: str | Path | None) -> Path | None:
+    """The local folder of a model: the path itself, or a named model's installed folder; None otherwise."""
+    if not spec:
+        return None
+    if Path(spec).is_dir():
+        return Path(spec)
+    from aird.core import registry
+
+    named = registry.lookup(str(spec))
+    if named is None:
+        return None
+    try:
+        from aird.core.loading import resolve_model_path
+
+        path = resolve_model_path(str(spec))
+    except Exception:   # not installed here: a card without digests, not a failed study
+        return None
+    return Path(path) if Path(path).is_dir() else None
+
+
+def _stamp(folder: str | None) -> list:
+    folder = _folder(folder)
+    if folder is None:
+        return []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf")]
+
+
+def write_cards(entries: list[Entry], judge: str) -> list[dict]:
+    """Write each entry's card.json into its folder (atomically) and return the cards."""
+    by = {e.name: e for e in entries}
+    cards = []
+    for e in entries:
+        path = Path(e.folder) / CARD_JSON
+        previous = json.loads(path.read_text()) if path.is_file() else None
+        c = card(e, by, judge, previous)
+        parent = by.get(c["parent"]) if c["parent"] else None
+        c["_stamps"] = {"weights": _stamp(e.model_path), "parent": _stamp(parent.model_path) if parent else []}
+        atomic_write_text(path, json.dumps(c, indent=1) + "\n")
+        cards.append(c)
+    return cards
