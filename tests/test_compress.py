@@ -66,6 +66,21 @@ def test_quantizers_write_at_most_2_pow_bits_values_per_group(tiny_folder, tmp_p
     assert s["sparsity"] < 0.2
 
 
+def test_written_folder_names_its_architecture_even_when_the_source_config_did_not(tiny_folder, tmp_path):
+    """A GGUF-converted config has null ``architectures``; the folders aird writes name the class, which vLLM needs."""
+    import shutil
+
+    folder, data = tiny_folder
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cls = cfg["architectures"][0]
+    (src / "config.json").write_text(json.dumps({**cfg, "architectures": None}))
+    lm = load_model(str(src), device="cpu")
+    run_compress(lm, CompressConfig(method="magnitude", params={"sparsity": 0.5}, data_dir=str(data)), tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == [cls]
+
+
 def test_written_folder_loads_like_the_original(tiny_folder, tmp_path):
     s, _ = compress(tiny_folder, tmp_path, "rtn", bits=8)
     lm = load_model(s["out"], device="cpu")

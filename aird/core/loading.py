@@ -88,6 +88,8 @@ def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = Non
             save_file(clean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             cfg = model.config.to_dict()
             cfg.pop("quantization_config", None)
+            # the class that loads it (vLLM and other readers need it; a GGUF-converted config has null here)
+            cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
             dtype = str(next(iter(clean.values())).dtype).replace("torch.", "")
             cfg["torch_dtype"] = cfg["dtype"] = dtype
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
