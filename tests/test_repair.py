@@ -426,3 +426,52 @@ def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, m
         RepairConfig(guard_from="compressed").validate()
     with pytest.raises(AirdError, match="--fit-positions must be all or post"):
         RepairConfig(fit_positions="last").validate()
+
+
+# ---- repairs that stay on the quantization grid ------------------------------------------------------------
+
+def test_snapped_edit_stays_on_the_grid_and_tracks_the_dense_projection():
+    """Random int4 codes with per-group scales: the snapped edit is on the same grid, and its change of each
+    column's projection on r̂ is far closer to the dense edit's than plain rounding's."""
+    from aird.core.qgrid import Grid, on_grid, snap_edit
+
+    g = torch.Generator().manual_seed(0)
+    grid = Grid(torch.rand(64, 4, generator=g) * 0.01 + 0.001, 4)
+    q = torch.randint(-8, 8, (64, 128), generator=g).double()
+    w = (q * grid.full_scale(q.shape)).float()
+    r = _unit(64, 5)
+    dense = RankOne().edit(w, r, 2.0)
+    snapped, rep = snap_edit(w, dense, r, grid)
+    assert on_grid(w, grid) and on_grid(snapped, grid) and not on_grid(dense, grid)
+    assert rep["codes_changed"] > 0 and rep["projection_error"] < 0.1 * rep["rounding_projection_error"]
+    codes = snapped.double() / grid.full_scale(w.shape)
+    assert float(codes.min()) >= -8 - 1e-4 and float(codes.max()) <= 7 + 1e-4     # float32 weights: to 1e-4 of a step
+
+
+def test_quantized_folders_keep_their_grid_and_the_grid_repair_stays_on_it(study, tmp_path):
+    pytest.importorskip("llmcompressor")
+    from aird.core.qgrid import QUANT_GRID, on_grid, read_grid
+
+    root, data = study
+    orig = load_model(json.loads((root / "probe-orig" / "probe.jsonl").read_text().splitlines()[-1])["config"]
+                      ["model_path"], device="cpu")
+    q = run_compress(orig, CompressConfig(method="rtn", params={"bits": 8}, data_dir=str(data)), tmp_path / "rtn")
+    assert q.summary["info"]["grid"]["bits"] == 8 and (tmp_path / "rtn" / QUANT_GRID).is_file()
+    grids = read_grid(tmp_path / "rtn")
+    sd = load_file(str(tmp_path / "rtn" / "model.safetensors"))
+    assert grids and all(on_grid(sd[f"{name}.weight"], g) for name, g in grids.items())
+    lm = load_model(str(tmp_path / "rtn"), device="cpu")
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-grid", layer=1, matrix="both", alpha=4.0,
+                                                         judge="score", check_on=[], data_dir=str(data)),
+                   tmp_path / "rtn-grid")
+    assert s["grid"]["on_grid"] and set(s["grid"]["matrices"]) == {"attn", "mlp"}
+    assert all(m["codes_changed"] > 0 for m in s["grid"]["matrices"].values())
+    after = load_file(str(tmp_path / "rtn-grid" / "model.safetensors"))
+    assert (tmp_path / "rtn-grid" / QUANT_GRID).is_file()
+    assert all(on_grid(after[f"{name}.weight"], g) for name, g in grids.items())   # every matrix, edited or not
+    assert not torch.equal(after["model.layers.1.self_attn.o_proj.weight"], sd["model.layers.1.self_attn.o_proj.weight"])
+    # a model without a grid is one clear error, before any search
+    with pytest.raises(AirdError, match="no grid"):
+        run_repair(load_model(str(root / "pruned"), device="cpu"), root / "probe-orig",
+                   RepairConfig(method="aird-grid", layer=1, judge="score", check_on=[], data_dir=str(data)),
+                   tmp_path / "pruned-grid")

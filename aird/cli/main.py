@@ -396,7 +396,8 @@ def repair_cmd(
     reference: Path = typer.Option(..., "--reference", "-r", help="Probe folder of the ORIGINAL model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: COMPRESSED-aird]."),
     method: str = typer.Option(RepairConfig.method, help="Repair plugin: aird (dense rank-one), aird-sparse (keeps sparsity), "
-                                            "aird-ridge or aird-ridge-sparse (fitted to the original's projections)."),
+                                            "aird-ridge or aird-ridge-sparse (fitted to the original's projections), "
+                                            "aird-grid or aird-ridge-grid (quantized models: stays on their grid)."),
     layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), or auto "
                                               "(the matrices that write r̂ most selectively on harmful prompts)."),
     matrix: str = typer.Option(RepairConfig.matrix, help="attn (o_proj), mlp (down_proj) or both (with --layer auto: either)."),

@@ -236,8 +236,17 @@ def _compress_and_save(lm, cfg, plugin, params, fmt, config, out, rep, linear, s
         tensors = {k: sd[k] for k in keys}
         writer = (lambda folder: info.update(compressed_format=plugin.save_compressed(lm, folder))) \
             if fmt == "compressed-tensors" else None
+        grid = getattr(lm, "quant_grid", None) if fmt == "dense" else None
+        extra = None
+        if grid:
+            from aird.core.qgrid import QUANT_GRID, write_grid
+
+            extra = lambda folder: write_grid(folder, grid["scales"], grid["bits"], grid["strategy"],  # noqa: E731
+                                              grid["group_size"])
+            info["grid"] = {"file": QUANT_GRID, "bits": grid["bits"], "strategy": grid["strategy"],
+                            "group_size": grid["group_size"], "matrices": len(grid["scales"])}
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"compressed_from": lm.path, "method": plugin.name},
-                          tensors=tensors, write_weights=writer)
+                          tensors=tensors, write_weights=writer, extra=extra)
         del tensors, sd
     with sw("measure"):
         # measured from what was written: the safetensors file itself, or the packed folder loaded back

@@ -64,11 +64,12 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
 
 def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = None,
-                      tensors: dict[str, torch.Tensor] | None = None, write_weights=None) -> Path:
+                      tensors: dict[str, torch.Tensor] | None = None, write_weights=None, extra=None) -> Path:
     """Write a plain model folder that transformers loads: one safetensors file, config.json without any
     quantization_config, generation config, tokenizer. Written into a temporary folder that is renamed into
     place, so a killed run never leaves half a model. ``tensors`` replaces the model's own state dict;
-    ``write_weights(folder)``, when given, writes the weights and config.json itself (a compressed format)."""
+    ``write_weights(folder)``, when given, writes the weights and config.json itself (a compressed format);
+    ``extra(folder)`` writes further files into the folder before it is renamed into place."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -97,6 +98,8 @@ def save_model_folder(model, tokenizer, out: Path, provenance: dict | None = Non
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        if extra is not None:
+            extra(tmp)
         sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.suffix == ".safetensors"}
         (tmp / "aird-source.json").write_text(json.dumps({**(provenance or {}), "files": sizes}, default=str) + "\n")
     shutil.rmtree(out, ignore_errors=True)

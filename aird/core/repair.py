@@ -45,6 +45,7 @@ from aird.core.measure import decoder_linear_weights, summarize
 from aird.core.probe import format_prompts, config_from_record, load_prompt_sets
 from aird.core.configs import CHECK_SETS, JUDGES, RepairConfig  # noqa: F401  (re-exported)
 from aird.core.progress import Reporter
+from aird.core.qgrid import on_grid
 
 REPAIR_JSONL = "repair.jsonl"
 ALPHA_GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -348,7 +349,11 @@ def _targets(lm: LoadedModel, layer: int, which: list[str]) -> list[torch.nn.Lin
 
 
 def _apply(repair, mats: list[torch.nn.Linear], unit: torch.Tensor, alpha: float,
-           fit: dict | None = None) -> list[torch.Tensor]:
+           fit: dict | None = None, grids: list | None = None, reports: list | None = None) -> list[torch.Tensor]:
+    """Edit each matrix in place (returning the weights before). A grid repair (``grids``: each matrix's
+    quantization grid) snaps the dense edit onto the grid, appending what that cost to ``reports``."""
+    from aird.core.qgrid import snap_edit
+
     saved = []
     with torch.no_grad():
         for k, m in enumerate(mats):
@@ -356,8 +361,31 @@ def _apply(repair, mats: list[torch.nn.Linear], unit: torch.Tensor, alpha: float
             r = unit.to(m.weight.device)
             new = (repair.edit(m.weight.data, r, alpha, fit=fit["parts"][k].to(m.weight.device)) if fit is not None
                    else repair.edit(m.weight.data, r, alpha))
+            if grids is not None:
+                new, rep = snap_edit(m.weight.data, new, r, grids[k])
+                if reports is not None:
+                    reports.append(rep)
             m.weight.data.copy_(new)
     return saved
+
+
+def _grids_of(lm: LoadedModel, repair, layer: int, which: list[str]) -> list | None:
+    """Each edited matrix's quantization grid for a grid repair (None for other repairs); a model without its
+    grid is one clear error."""
+    if not getattr(repair, "on_grid", False):
+        return None
+    from aird.core.qgrid import QUANT_GRID, read_grid
+
+    grids = read_grid(lm.path)
+    names = {id(m): k for k, m in lm.model.named_modules()}
+    out = []
+    for m in _targets(lm, layer, which):
+        g = grids.get(names[id(m)])
+        if g is None:
+            raise AirdError(f"{repair.name} keeps the edit on the model's quantization grid, but {lm.path} has no grid "
+                            f"for {names[id(m)]} ({QUANT_GRID}): quantize it with `aird compress` (dense format) first.")
+        out.append(g)
+    return out
 
 
 def _restore(mats: list[torch.nn.Linear], saved: list[torch.Tensor]) -> None:
@@ -442,6 +470,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
         candidates = [(int(cfg.layer), which)]
     for layer, mats in candidates:
         _targets(lm, layer, mats)   # an unsupported family fails before the search
+        _grids_of(lm, repair, layer, mats)   # so does a grid repair of a model without its grid
 
     judge = (_GenJudge(harmful, harmless, [p.instruction for p in tune_h + tune_b], scorer, cfg.max_new_tokens,
                        cfg.batch_size) if cfg.judge == "generate" else None)
@@ -493,7 +522,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
             targets = _targets(lm, layer, mats)
 
             def trial(alpha: float, layer=layer, mats=mats, targets=targets, fit=fits.get(c)) -> dict:
-                saved = _apply(repair, targets, unit, alpha, fit)
+                saved = _apply(repair, targets, unit, alpha, fit, _grids_of(lm, repair, layer, mats))
                 try:
                     r = rates(layer)
                 finally:
@@ -512,7 +541,9 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                  f"taking layer {best['layer']} {best['matrix']}, α {best['alpha']} (flagged: target_reached false)")
     best_mats = best["matrix"].split("+")
     best_fit = fits.get(best["candidate"])
-    _apply(repair, _targets(lm, best["layer"], best_mats), unit, best["alpha"], best_fit)
+    grid_reports: list[dict] = []
+    best_grids = _grids_of(lm, repair, best["layer"], best_mats)
+    _apply(repair, _targets(lm, best["layer"], best_mats), unit, best["alpha"], best_fit, best_grids, grid_reports)
     check_summary, check_rows = None, []
     if check is not None:
         with sw("check"), rep.stage("the held-out check of the repaired model (generation)", 1) as advance:
@@ -523,7 +554,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
         check_rows = [run.record(r.pop("record"), **r) for r in check_rows]
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
-                                                                    "method": repair.name})
+                                                                    "method": repair.name},
+                          extra=_copy_grid(lm.path))
     after_w = decoder_linear_weights(lm.model.state_dict())
     sb, sa = summarize(before), summarize(after_w)
     lay_b = next(r for r in sb["per_layer"] if r["layer"] == best["layer"])
@@ -538,6 +570,9 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
         sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
         ranking=ranking[:10] if ranking else None,
         fit={k: v for k, v in best_fit.items() if k not in ("u", "parts")} if best_fit else None,
+        grid=({"matrices": dict(zip(best_mats, grid_reports)),
+               "on_grid": all(on_grid(m.weight.data, g) for m, g in zip(_targets(lm, best["layer"], best_mats),
+                                                                          best_grids))} if best_grids else None),
         tuned_on={"sets": seen, "tune_sets": list(cfg.tune_on) if cfg.tune_on else [pcfg.harmful_val, pcfg.harmless_val],
                   "origins": sorted(tuned_origins)},
         check=({"sets": check_summary, "scorer": check_scorer.name, "max_new_tokens": cfg.max_new_tokens,
@@ -550,6 +585,19 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     )
     write_jsonl(jsonl, [summary, *check_rows])
     return summary
+
+
+def _copy_grid(path: str | None):
+    """A writer that copies the model's quantization grid into the repaired folder (its scales are unchanged:
+    a grid repair changes codes only, and the other matrices are untouched), or None without one."""
+    from aird.core.qgrid import QUANT_GRID
+
+    src = Path(path) / QUANT_GRID if path else None
+    if src is None or not src.is_file():
+        return None
+    import shutil
+
+    return lambda folder: shutil.copyfile(src, Path(folder) / QUANT_GRID)
 
 
 @contextmanager

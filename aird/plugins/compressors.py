@@ -91,6 +91,8 @@ def _materialize(lm) -> int:
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     n = 0
+    names = {id(m): k for k, m in lm.model.named_modules()}
+    scales, args = {}, None
     for _, _, mod in _decoder_linears(lm):
         scheme = getattr(mod, "quantization_scheme", None)
         scale = getattr(mod, "weight_scale", None)
@@ -100,6 +102,14 @@ def _materialize(lm) -> int:
         q = fake_quantize(mod.weight.data, scale, zp, scheme.weights)
         mod.weight.data.copy_(q.to(mod.weight.dtype))
         n += 1
+        args = scheme.weights
+        if args.symmetric and (zp is None or not bool(zp.any())):
+            scales[names[id(mod)]] = scale.detach().clone()
+    if scales and args is not None:
+        # the grid travels with the dense folder (aird/core/qgrid.py), so a repair can stay on it
+        strategy = getattr(args.strategy, "value", args.strategy)
+        lm.quant_grid = {"scales": scales, "bits": args.num_bits, "strategy": str(strategy),
+                         "group_size": args.group_size}
     return n
 
 

@@ -18,6 +18,11 @@ compressed model's, after the edited block, on the matrix's inputs, over every t
 calibration prompts (the probe's training splits: AdvBench, MaliciousInstruct, TDC 2023 and Alpaca). α = 1 is
 the least-squares match; the search scales it. The sparse variant restricts r̂ uᵀ to the kept weights with the
 same change of each column's projection on r̂: ΔW[S_j, j] = r̂_{S_j} · α u_j / ‖r̂_{S_j}‖².
+
+The grid variants (``aird-grid``, ``aird-ridge-grid``) are for quantized models: the same dense edit, then
+snapped onto the model's quantization grid (aird/core/qgrid.py: same bits and scales, only integer codes
+change), so the repaired model is still the quantized model a serving engine loads. The repair records how
+many codes changed and the projection error against the dense edit.
 """
 
 from __future__ import annotations
@@ -75,9 +80,23 @@ class SparseRidgeRankOne:
         return _restricted(weight, unit, alpha * fit)
 
 
+class GridRankOne(RankOne):
+    name = "aird-grid"
+    description = "the rank-one edit snapped onto the quantized model's grid (only integer codes change)"
+    on_grid = True
+
+
+class GridRidgeRankOne(RidgeRankOne):
+    name = "aird-ridge-grid"
+    description = "the ridge-fitted update snapped onto the quantized model's grid (only integer codes change)"
+    on_grid = True
+
+
 @hookimpl
 def aird_register_repairs(register):
     register(RankOne())
     register(SparseRankOne())
     register(RidgeRankOne())
     register(SparseRidgeRankOne())
+    register(GridRankOne())
+    register(GridRidgeRankOne())
