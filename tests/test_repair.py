@@ -318,7 +318,8 @@ def test_ridge_repair_moves_projections_towards_the_original(study, tmp_path):
     lm = load_model(str(root / "pruned"), device="cpu")
     _, p_c, _ = writer_rows(lm, texts, 1, [], unit, 16)
     s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer=1, matrix="both", alpha=1.0,
-                                                         judge="score", check_on=[], data_dir=str(data)),
+                                                         judge="score", check_on=[], data_dir=str(data),
+                                                         fit_positions="all"),
                    tmp_path / "ridge")
     assert s["fit"]["rows"] == len(p_o) and s["fit"]["cv_r2"] is not None and s["check"] is None
     rep = load_model(str(tmp_path / "ridge"), device="cpu")

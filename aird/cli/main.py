@@ -426,8 +426,8 @@ def repair_cmd(
     ridge: Optional[float] = typer.Option(None, help="Fitting methods: relative ridge [default: chosen by "
                                                      "cross-validation over whole prompts]."),
     fit_positions: str = typer.Option(RepairConfig.fit_positions, help="Fitting methods: the tokens of each "
-                                      "calibration prompt fitted: all, or post (the post-instruction tokens, where "
-                                      "the reply is decided)."),
+                                      "calibration prompt fitted: post (the post-instruction tokens, where the "
+                                      "reply is decided) or all."),
     batch_size: int = typer.Option(RepairConfig.batch_size),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,

@@ -106,7 +106,7 @@ class RepairConfig:
     check_on: list[str] = field(default_factory=lambda: list(CHECK_SETS))   # held-out check after the repair
     check_limit: int = 50                # prompts per check set (stratified, seeded); 0 or [] skips the check
     ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
-    fit_positions: str = "all"           # fitting repairs: the tokens fitted: every prompt token, or the post-instruction ones
+    fit_positions: str = "post"          # fitting repairs: the tokens fitted: the post-instruction ones, or every prompt token
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None

@@ -14,8 +14,9 @@ Every zero stays zero, so the compressed model keeps its sparsity exactly.
 The ridge variants (``aird-ridge``, ``aird-ridge-sparse``) do not amplify what the matrix already writes along
 r̂, which helps only where it already writes r̂. They fit the update: W' = W + α r̂ uᵀ, where u is the ridge
 regression (``aird.core.repair.fit_rank_one``) of the original model's residual projection on r̂ minus the
-compressed model's, after the edited block, on the matrix's inputs, over every token of harmful and harmless
-calibration prompts (the probe's training splits: AdvBench, MaliciousInstruct, TDC 2023 and Alpaca). α = 1 is
+compressed model's, after the edited block, on the matrix's inputs, at the post-instruction tokens of harmful and
+harmless calibration prompts (the probe's training splits: AdvBench, MaliciousInstruct, TDC 2023 and Alpaca),
+where the reply is decided (``--fit-positions all``: every prompt token). α = 1 is
 the least-squares match; the search scales it. The sparse variant restricts r̂ uᵀ to the kept weights with the
 same change of each column's projection on r̂: ΔW[S_j, j] = r̂_{S_j} · α u_j / ‖r̂_{S_j}‖².
 
@@ -64,7 +65,7 @@ class RidgeRankOne:
     name = "aird-ridge"
     description = "rank-one update r̂ uᵀ fitted by ridge regression to the original model's projections (dense)"
     fits = True
-    alpha_grid = (0.5, 1.0, 2.0, 4.0)
+    alpha_grid = (0.5, 1.0, 2.0, 4.0, 8.0)
 
     def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
         return (weight.double() + alpha * torch.outer(unit.double(), fit.double())).to(weight.dtype)
@@ -74,7 +75,7 @@ class SparseRidgeRankOne:
     name = "aird-ridge-sparse"
     description = "the ridge-fitted change of projection on r̂, restricted to the matrix's non-zeros"
     fits = True
-    alpha_grid = (0.5, 1.0, 2.0, 4.0)
+    alpha_grid = (0.5, 1.0, 2.0, 4.0, 8.0)
 
     def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
         return _restricted(weight, unit, alpha * fit)
