@@ -72,6 +72,28 @@ def test_aird_zero_shot_equals_lm_eval_direct_and_hand_computation(refusing, tmp
     assert ours["winogrande"]["acc"] == pytest.approx(sum(wcorrect) / len(wcorrect))
 
 
+def test_prefix_sharing_gives_hflms_log_likelihoods(refusing):
+    """Each context run once and its continuations from its KV cache: the same log-likelihoods and greedy flags as
+    lm-eval's HFLM, for one-token and longer continuations, several per context and contexts of other lengths."""
+    from lm_eval.models.huggingface import HFLM
+
+    from aird.core.zeroshot import prefix_sharing_lm
+
+    lm = load_model(str(refusing[0]), device="cpu")
+    tok = lm.tokenizer
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    reqs = []
+    for q in tiny.instructions(tiny.HARMLESS_ACTS)[:5]:
+        ctx = enc(f"Question: {q}?\nAnswer:")
+        for c in (" Sure", " I cannot help with that", " a way to do it step by step"):
+            reqs.append(((q, c), ctx, enc(c)))
+    ours = prefix_sharing_lm(lm.model, tok, 4, "cpu")._loglikelihood_tokens(reqs)
+    ref = HFLM(pretrained=lm.model, tokenizer=tok, batch_size=4, device="cpu")._loglikelihood_tokens(reqs)
+    assert len(ours) == len(ref) == 15
+    for (a, ga), (b, gb) in zip(ours, ref):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
 def test_missing_task_file_is_a_clear_error(tmp_path, monkeypatch):
     from aird.core import data
     from aird.core.errors import AirdError

@@ -41,8 +41,12 @@ _VLLM_CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVE
                  "VLLM_CPU_KVCACHE_SPACE": "4"}
 
 
+def _cpu_bind_list() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def _cpu_bind() -> str:
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = _cpu_bind_list()
     return f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores))
 
 
@@ -82,6 +86,10 @@ class VLLMSession:
             os.environ.setdefault(k, v)
         if lm.device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind())
+            # without it vLLM sets torch to one thread for serving, in this whole process (its engine runs in
+            # it): the hf prefill for the refusal scores then ran on one of the two cores (192.6 s against
+            # about 20 s; docs/benchmarks.md)
+            os.environ.setdefault("OMP_NUM_THREADS", str(len(_cpu_bind_list())))
         t0 = time.perf_counter()
         from vllm import LLM
 
