@@ -41,6 +41,16 @@ def _prompts(n: int):
     return rows if n in (0, None) or n >= len(rows) else sample(rows, n, 0)
 
 
+class _Replay:
+    """A session that hands back answers already generated (to score them as eval does, timed apart)."""
+
+    def __init__(self, gens):
+        self.gens = gens
+
+    def generate(self, texts, n, progress=None):
+        return self.gens
+
+
 def _say(engine: str, line: str) -> None:
     print(f"[{engine}] {line}", file=sys.stderr, flush=True)
 
@@ -68,14 +78,10 @@ def worker(args) -> None:
         gen_s = time.perf_counter() - t
         _say(args.worker, f"generation {gen_s:.1f} s, {sum(g.n_new_tokens for g in gens)} new tokens")
     t = time.perf_counter()
-    if all(g.first_logits is not None for g in gens):     # hf: the score from its first-step logits
-        import torch
-
-        from aird.core.directions import refusal_scores
-
-        scores = refusal_scores(torch.stack([g.first_logits for g in gens]), lm.adapter.refusal_token_ids(tok))
-    else:                                                 # vLLM keeps none: one prefill of the hf model
+    if args.hf_prefill:                                     # every score by one prefill of the hf model
         scores = engines.prompt_refusal_scores(lm, texts, args.batch_size)
+    else:                                                   # as eval does (first-step logits, top log-probs, prefill)
+        scores = engines.answer(_Replay(gens), lm, texts, 0, args.batch_size)[1]
     score_s = time.perf_counter() - t
     _say(args.worker, f"refusal scores {score_s:.1f} s")
     refused = plugins.get("scorer", "substring").refused(prompts, [g.text for g in gens])
@@ -119,6 +125,7 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"], help="ENGINE or ENGINE:DTYPE, first = baseline")
     ap.add_argument("--one-at-a-time", action="store_true", help="hf batched against one prompt at a time")
     ap.add_argument("--record", type=Path)
+    ap.add_argument("--hf-prefill", action="store_true", help="score refusals by an hf prefill, not the engine's own way")
     ap.add_argument("--keep", type=Path, help="keep (and reuse) each engine's results in this folder")
     ap.add_argument("--timeout", type=float, default=None, help="seconds a worker may run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -139,7 +146,7 @@ def main() -> None:
             if not out.is_file():
                 cmd = [sys.executable, __file__, "--worker", e, "--out", str(out.with_suffix(".part")), "--model",
                        args.model, "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
-                       "--batch-size", str(args.batch_size)]
+                       "--batch-size", str(args.batch_size)] + (["--hf-prefill"] if args.hf_prefill else [])
                 t = time.perf_counter()
                 try:
                     subprocess.run(cmd, check=True, timeout=args.timeout)

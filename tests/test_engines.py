@@ -65,6 +65,27 @@ def test_prefill_refusal_score_equals_the_hf_engines_first_step(refusing_lm):
     # and the score separates the two kinds of prompt, so the comparison is not of two constants
     assert prefill[:3].min() > prefill[3:].max()
 
+    # an engine without logits that returns each answer's top log-probabilities (as vLLM does): where every
+    # refusal token is among them the score comes from them, exactly; the others from the prefill
+    ids = lm.adapter.refusal_token_ids(lm.tokenizer)
+    full = [torch.log_softmax(lm.model(input_ids=torch.tensor([lm.tokenizer(t, add_special_tokens=False).input_ids]))
+                              .logits[0, -1].double(), -1) for t in texts]
+
+    class TopLogprobs:
+        def generate(self, texts_, n, progress=None):
+            out = []
+            for k, lp in enumerate(full):
+                top = {int(i): float(lp[i]) for i in lp.topk(20).indices}
+                if k % 2 == 0:          # every refusal token among them
+                    top.update({i: float(lp[i]) for i in ids})
+                else:                   # none: the prefill fills in
+                    top = {i: v for i, v in top.items() if i not in ids}
+                out.append(Generation("ok", None, 1, first_logprobs=top))
+            return out
+
+    _, top = engines.answer(TopLogprobs(), lm, texts, 2, 4)
+    assert torch.allclose(top, from_logits, atol=1e-4)
+
 
 def test_auto_prefers_the_best_engine_that_can_run_the_model_and_says_why_it_passed_one_over(refusing_lm,
                                                                                               monkeypatch):

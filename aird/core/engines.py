@@ -82,12 +82,33 @@ def prompt_refusal_scores(lm: LoadedModel, texts: list[str], batch_size: int) ->
     return out
 
 
+def _from_top_logprobs(top: dict[int, float] | None, ids: list[int]) -> float | None:
+    """The refusal score from an engine's top log-probabilities at the first position, when every refusal token
+    is among them (exact); None otherwise."""
+    import math
+
+    if not top or any(i not in top for i in ids):
+        return None
+    lp = min(float(torch.logsumexp(torch.tensor([top[i] for i in ids], dtype=torch.float64), 0)), -1e-12)
+    return lp - math.log(-math.expm1(lp))
+
+
 def answer(sess, lm: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int, progress=None):
-    """The session's greedy answers to ``texts`` and each one's refusal score."""
+    """The session's greedy answers to ``texts`` and each one's refusal score: from the first-step logits (hf),
+    else from the engine's top log-probabilities where every refusal token is among them (vLLM returns its top
+    20), else from one hf prefill of the prompts left."""
     gens = sess.generate(texts, max_new_tokens, progress=progress)
+    ids = lm.adapter.refusal_token_ids(lm.tokenizer)
     if all(g.first_logits is not None for g in gens):
-        scores = refusal_scores(torch.stack([g.first_logits for g in gens]),
-                                lm.adapter.refusal_token_ids(lm.tokenizer))
-    else:
-        scores = prompt_refusal_scores(lm, texts, batch_size)
+        return gens, refusal_scores(torch.stack([g.first_logits for g in gens]), ids)
+    scores = torch.empty(len(texts))
+    missing = []
+    for k, g in enumerate(gens):
+        v = _from_top_logprobs(g.first_logprobs, ids)
+        if v is None:
+            missing.append(k)
+        else:
+            scores[k] = v
+    if missing:
+        scores[missing] = prompt_refusal_scores(lm, [texts[k] for k in missing], batch_size)
     return gens, scores

@@ -15,6 +15,7 @@ class Generation:
     text: str
     first_logits: torch.Tensor | None   # [V], logits of the first generated position (None: engine keeps none)
     n_new_tokens: int
+    first_logprobs: dict[int, float] | None = None   # the engine's top log-probabilities at the first position
 
 
 def generate(lm: LoadedModel, texts: list[str], max_new_tokens: int = 64, batch_size: int = 16,

@@ -80,6 +80,9 @@ def servable_folder(path: str | Path, architecture: str) -> Path:
     return out
 
 
+TOP_LOGPROBS = 20    # vLLM's default ceiling (max_logprobs)
+
+
 class VLLMSession:
     def __init__(self, lm, options: dict):
         for k, v in _VLLM_CPU_ENV.items():
@@ -113,11 +116,16 @@ class VLLMSession:
         # the chat-formatted text tokenized exactly as the hf engine does (no extra BOS), so both engines see
         # the same token ids
         prompts = [{"prompt_token_ids": self.tokenizer(t, add_special_tokens=False).input_ids} for t in texts]
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0)
+        # the top 20 log-probabilities of each answer's first position: aird's refusal score comes from them when
+        # every refusal token is among them (exact, and free), else from an hf prefill (aird/core/engines.py)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0, logprobs=TOP_LOGPROBS)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         if progress:
             progress(len(texts))
-        return [Generation(o.outputs[0].text, None, len(o.outputs[0].token_ids)) for o in outs]
+        return [Generation(o.outputs[0].text, None, len(o.outputs[0].token_ids),
+                           first_logprobs=({t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()}
+                                           if o.outputs[0].logprobs else None))
+                for o in outs]
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
