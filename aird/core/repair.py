@@ -468,9 +468,10 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
         candidates = [(max(0, src - 1), which)]
     else:
         candidates = [(int(cfg.layer), which)]
+    grids = {}
     for layer, mats in candidates:
         _targets(lm, layer, mats)   # an unsupported family fails before the search
-        _grids_of(lm, repair, layer, mats)   # so does a grid repair of a model without its grid
+        grids[layer, tuple(mats)] = _grids_of(lm, repair, layer, mats)   # so does a grid repair without its grid
 
     judge = (_GenJudge(harmful, harmless, [p.instruction for p in tune_h + tune_b], scorer, cfg.max_new_tokens,
                        cfg.batch_size) if cfg.judge == "generate" else None)
@@ -521,8 +522,9 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
         for c, (layer, mats) in enumerate(candidates):
             targets = _targets(lm, layer, mats)
 
-            def trial(alpha: float, layer=layer, mats=mats, targets=targets, fit=fits.get(c)) -> dict:
-                saved = _apply(repair, targets, unit, alpha, fit, _grids_of(lm, repair, layer, mats))
+            def trial(alpha: float, layer=layer, mats=mats, targets=targets, fit=fits.get(c),
+                      grid=grids[layer, tuple(mats)]) -> dict:
+                saved = _apply(repair, targets, unit, alpha, fit, grid)
                 try:
                     r = rates(layer)
                 finally:
@@ -542,7 +544,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     best_mats = best["matrix"].split("+")
     best_fit = fits.get(best["candidate"])
     grid_reports: list[dict] = []
-    best_grids = _grids_of(lm, repair, best["layer"], best_mats)
+    best_grids = grids.get((best["layer"], tuple(best_mats)))
     _apply(repair, _targets(lm, best["layer"], best_mats), unit, best["alpha"], best_fit, best_grids, grid_reports)
     check_summary, check_rows = None, []
     if check is not None:
