@@ -152,7 +152,7 @@ def prefix_sharing_lm(model, tokenizer, batch_size: int, device: str):
 
 
 def run_zero_shot(lm: LoadedModel, tasks: list[str], folder: Path, data_dir: str | None, limit: int | None,
-                  batch_size: int = 8, model_for_lm_eval=None) -> dict[str, dict]:
+                  batch_size: int = 8, model_for_lm_eval=None, share_prefix: bool = True) -> dict[str, dict]:
     """Accuracy per task: {task: {"acc": .., "acc_norm": .., "n": .., "items": ..}}, ``items`` each question's
     correctness in question order as a string of 0/1 per metric ({"acc": "0110…", "acc_norm": "…"}), so two
     models' answers to the same questions can be compared pairwise. ``model_for_lm_eval`` replaces the
@@ -166,8 +166,10 @@ def run_zero_shot(lm: LoadedModel, tasks: list[str], folder: Path, data_dir: str
     except ImportError:
         raise AirdError("the zero-shot tasks need lm-evaluation-harness: pip install 'aird[eval]'.") from None
     names = write_task_configs(folder, tasks, data_dir)
-    if model_for_lm_eval is None:
+    if model_for_lm_eval is None and share_prefix:
         model = prefix_sharing_lm(lm.model, lm.tokenizer, batch_size, str(lm.device))
+    elif model_for_lm_eval is None:     # lm-eval's own HFLM on the loaded model (bench/bench_zeroshot.py)
+        model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, device=str(lm.device))
     else:
         model = HFLM(pretrained=str(model_for_lm_eval), tokenizer=lm.tokenizer, batch_size=batch_size, device="cpu")
     res = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=0, limit=limit,
