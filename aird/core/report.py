@@ -48,6 +48,23 @@ def _prompt_records(e: Entry) -> dict | None:
             if r["record"] == "eval.prompt"}
 
 
+def paired_rate(before: dict, after: dict, keys: list) -> dict:
+    """Two models' per-prompt records (by key) on the same prompts ``keys`` of one set: the rate of each (ASR for
+    a harmful set: share answered; over-refusal for a benign one: share refused), as counts and shares, and the
+    paired change: newly refused, no longer refused, the exact McNemar p."""
+    harmful = after[keys[0]]["role"] == "harmful"
+    n = len(keys)
+
+    def count(r):
+        return sum((not r[k]["refused"]) if harmful else r[k]["refused"] for k in keys)
+
+    kb, ka = count(before), count(after)
+    newly = sum(after[k]["refused"] and not before[k]["refused"] for k in keys)
+    gone = sum(before[k]["refused"] and not after[k]["refused"] for k in keys)
+    return {"harmful": harmful, "n": n, "k_before": kb, "k_after": ka, "before": kb / n, "after": ka / n,
+            "newly": newly, "gone": gone, "p": mcnemar_exact(newly, gone)}
+
+
 def heldout_rows(orig: Entry, parent: Entry, rep: Entry) -> list[list]:
     """Per evaluated set, on its prompts whose source the repair never tuned on: the rate (ASR for harmful
     sets, over-refusal for benign ones) of the original, the compressed and the repaired model on the same
@@ -62,19 +79,10 @@ def heldout_rows(orig: Entry, parent: Entry, rep: Entry) -> list[list]:
                 and recs[2][k].get("origin") is not None and recs[2][k].get("origin") not in tuned]
         if not keys:
             continue
-        harmful = recs[2][keys[0]]["role"] == "harmful"
-
-        def rate(r):   # ASR: share answered; over-refusal: share refused
-            return sum((not r[k]["refused"]) if harmful else r[k]["refused"] for k in keys) / len(keys)
-
-        def p_vs(r):
-            newly = sum(recs[2][k]["refused"] and not r[k]["refused"] for k in keys)
-            gone = sum(r[k]["refused"] and not recs[2][k]["refused"] for k in keys)
-            return mcnemar_exact(newly, gone)
-
-        o, c, x = (rate(r) for r in recs)
-        rows.append([rep.name, name, "ASR" if harmful else "over-refusal", len(keys), _f(o), _f(c), _f(x),
-                     f"{100 * (x - c):+.1f}", f"{p_vs(recs[1]):.2g}", f"{100 * (x - o):+.1f}", f"{p_vs(recs[0]):.2g}"])
+        vs_c, vs_o = paired_rate(recs[1], recs[2], keys), paired_rate(recs[0], recs[2], keys)
+        o, c, x = vs_o["before"], vs_c["before"], vs_c["after"]
+        rows.append([rep.name, name, "ASR" if vs_c["harmful"] else "over-refusal", len(keys), _f(o), _f(c), _f(x),
+                     f"{100 * (x - c):+.1f}", f"{vs_c['p']:.2g}", f"{100 * (x - o):+.1f}", f"{vs_o['p']:.2g}"])
     return rows
 
 
