@@ -71,9 +71,8 @@ def _against(before: Entry | None, after: Entry) -> dict | None:
             "perplexity_ratio": {k: ppl.get(k) for k in ("estimate", "ci", "n")}}
 
 
-def card(e: Entry, by: dict[str, Entry], judge: str, previous: dict | None = None) -> dict:
-    """The card of entry ``e`` (``previous``: the card written before, whose digests are reused when the
-    weights' sizes and times are unchanged)."""
+def card(e: Entry, by: dict[str, Entry], judge: str, digests: dict[str, dict]) -> dict:
+    """The card of entry ``e`` (``digests``: every entry's weights sha256, by entry name)."""
     orig = by.get("original")
     parent = by.get(e.parent) if e.parent else (orig if e.role == "compressed" else None)
     made: dict = {"role": e.role, "kind": e.kind, "method": e.method}
@@ -83,20 +82,12 @@ def card(e: Entry, by: dict[str, Entry], judge: str, previous: dict | None = Non
         made.update({k: e.repair.get(k) for k in ("layer", "matrix", "alpha")})
         made["target_reached"] = (e.repair.get("validation") or {}).get("target_reached")
     return {"record": "card", "schema": CARD_SCHEMA, "model": e.name, "model_path": e.model_path,
-            "weights_sha256": _digests(e.model_path, previous, "weights"),
+            "weights_sha256": digests.get(e.name, {}),
             "parent": parent.name if parent else None,
-            "parent_weights_sha256": _digests(parent.model_path, previous, "parent") if parent else None,
+            "parent_weights_sha256": digests.get(parent.name, {}) if parent else None,
             "made": made, "judge": judge,
             "vs_parent": _against(parent, e) if parent else None,
             "vs_original": _against(orig, e) if orig is not None and orig is not e and orig is not parent else None}
-
-
-def _digests(folder: str | None, previous: dict | None, which: str) -> dict:
-    stamp = _stamp(folder)
-    old = (previous or {}).get("_stamps", {}).get(which)
-    if old is not None and old == stamp:
-        return previous["weights_sha256" if which == "weights" else "parent_weights_sha256"]
-    return weights_sha256(folder)
 
 
 def _folder(spec: str | Path | None) -> Path | None:
@@ -128,15 +119,20 @@ def _stamp(folder: str | None) -> list:
 
 
 def write_cards(entries: list[Entry], judge: str) -> list[dict]:
-    """Write each entry's card.json into its folder (atomically) and return the cards."""
+    """Write each entry's card.json into its folder (atomically) and return the cards. Each model's weights are
+    hashed once (a parent's digest is its own card's), and not again while their sizes and times are unchanged
+    since the card that recorded them."""
     by = {e.name: e for e in entries}
+    paths = {e.name: Path(e.folder) / CARD_JSON for e in entries}
+    stamps, digests = {}, {}
+    for e in entries:
+        previous = json.loads(paths[e.name].read_text()) if paths[e.name].is_file() else {}
+        stamps[e.name] = _stamp(e.model_path)
+        digests[e.name] = (previous["weights_sha256"] if previous.get("_stamp") == stamps[e.name]
+                           and "weights_sha256" in previous else weights_sha256(e.model_path))
     cards = []
     for e in entries:
-        path = Path(e.folder) / CARD_JSON
-        previous = json.loads(path.read_text()) if path.is_file() else None
-        c = card(e, by, judge, previous)
-        parent = by.get(c["parent"]) if c["parent"] else None
-        c["_stamps"] = {"weights": _stamp(e.model_path), "parent": _stamp(parent.model_path) if parent else []}
-        atomic_write_text(path, json.dumps(c, indent=1) + "\n")
+        c = {**card(e, by, judge, digests), "_stamp": stamps[e.name]}
+        atomic_write_text(paths[e.name], json.dumps(c, indent=1) + "\n")
         cards.append(c)
     return cards
