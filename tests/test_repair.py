@@ -300,20 +300,29 @@ def test_ridge_edits_change_the_projection_by_alpha_u():
     assert torch.linalg.matrix_rank((dense - w).double(), atol=1e-4) == 1
 
 
-def test_ridge_repair_moves_projections_towards_the_original(study, tmp_path):
-    """α = 1 of the fitted update brings the compressed model's projections on r̂ after the edited block closer to
-    the original model's, on the calibration prompts."""
+def _calibration(study):
+    """The original probe's unit direction, the original model's path, and its calibration prompts (harmful and
+    harmless training splits) formatted for the tiny model."""
     from aird.core.probe import config_from_record, format_prompts, load_prompt_sets, load_probe
-    from aird.core.repair import writer_rows
 
     root, data = study
     summary, direction, _ = load_probe(root / "probe-orig")
-    unit = direction / direction.norm()
     pcfg = config_from_record(summary["config"])
     pcfg.data_dir = str(data)
     sets = load_prompt_sets(pcfg)
-    orig = load_model(summary["config"]["model_path"], device="cpu")
-    texts = format_prompts(orig, sets.harmful_train + sets.harmless_train, None)
+    lm = load_model(str(root / "pruned"), device="cpu")
+    texts = format_prompts(lm, sets.harmful_train + sets.harmless_train, None)
+    return direction / direction.norm(), summary["config"]["model_path"], texts
+
+
+def test_ridge_repair_moves_projections_towards_the_original(study, tmp_path):
+    """α = 1 of the fitted update brings the compressed model's projections on r̂ after the edited block closer to
+    the original model's, on the calibration prompts."""
+    from aird.core.repair import writer_rows
+
+    root, data = study
+    unit, orig_path, texts = _calibration(study)
+    orig = load_model(orig_path, device="cpu")
     _, p_o, _ = writer_rows(orig, texts, 1, [], unit, 16)
     lm = load_model(str(root / "pruned"), device="cpu")
     _, p_c, _ = writer_rows(lm, texts, 1, [], unit, 16)
@@ -331,17 +340,11 @@ def test_ridge_repair_moves_projections_towards_the_original(study, tmp_path):
 def test_ridge_fit_on_post_instruction_tokens_reads_only_those_rows(study, tmp_path):
     """--fit-positions post fits each calibration prompt's post-instruction tokens only: the rows are exactly the
     last k of each prompt's rows (k = the template's post-instruction tokens), and the repair records that many."""
-    from aird.core.probe import config_from_record, format_prompts, load_prompt_sets, load_probe
     from aird.core.repair import writer_rows
 
     root, data = study
-    summary, direction, _ = load_probe(root / "probe-orig")
-    unit = direction / direction.norm()
-    pcfg = config_from_record(summary["config"])
-    pcfg.data_dir = str(data)
-    sets = load_prompt_sets(pcfg)
+    unit, _, texts = _calibration(study)
     lm = load_model(str(root / "pruned"), device="cpu")
-    texts = format_prompts(lm, sets.harmful_train + sets.harmless_train, None)
     k = len(lm.adapter.post_instruction_positions(lm.tokenizer))
     x_all, p_all, g_all = writer_rows(lm, texts, 1, ["attn"], unit, 5)
     x_post, p_post, g_post = writer_rows(lm, texts, 1, ["attn"], unit, 5, last=k)
