@@ -316,6 +316,13 @@ def compress_cmd(
     pattern: Optional[str] = typer.Option(None, help="Pruning: N:M semi-structured (N non-zeros in every M), e.g. 2:4."),
     bits: Optional[int] = typer.Option(None, help="Quantization: weight bits (4 or 8)."),
     group_size: Optional[int] = typer.Option(None, help="Quantization: weights per scale along the input dimension."),
+    protect_refusal: bool = typer.Option(False, "--protect-refusal", help="Refusal-preserving variant of the method "
+                                         "(wanda → wanda-rp): keeps the weights that carry the --reference probe's "
+                                         "refusal direction, at the same sparsity (docs/compress.md)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="With --protect-refusal: the original "
+                                             "model's probe folder (its direction, source and training prompts)."),
+    protect: Optional[float] = typer.Option(None, "--protect", help="With --protect-refusal: weight of the refusal "
+                                            "saliency against the method's own score [default: 1]."),
     calib: str = typer.Option(CompressConfig.calib, help="Calibration data: harmless (chat-formatted instructions) or wikitext."),
     calib_samples: int = typer.Option(CompressConfig.calib_samples, help="Calibration samples."),
     calib_seq_len: int = typer.Option(CompressConfig.calib_seq_len, help="Maximum tokens per calibration sample."),
@@ -333,16 +340,28 @@ def compress_cmd(
 ) -> None:
     """Prune or quantize a model with a compressor plugin and write a model folder that loads like the
     original, with compress.jsonl measuring the achieved sparsity and bits from the written weights."""
-    from aird.core.compress import run_compress
+    from aird.core.compress import protected_method, run_compress
     from aird.core.env import set_threads
     from aird.core.plugins import get
 
     with user_errors():
         spec = from_stdin(model_arg or model)
         get("compressor", method)  # an unknown method fails before the model loads
+        if protect_refusal:
+            method = protected_method(method)
+            if reference is None:
+                raise AirdError("--protect-refusal needs --reference: the original model's probe folder.")
+        if (reference is not None or protect is not None) and "reference" not in getattr(get("compressor", method), "params", {}):
+            raise AirdError(f"method {method} takes no --reference or --protect; add --protect-refusal for its "
+                            "refusal-preserving variant.")
+        if reference is not None:
+            from aird.core.diff import open_probe
+
+            open_probe(reference)   # a missing or broken probe folder fails before the model loads
         set_threads(threads)
         given = {"sparsity": sparsity, "pattern": pattern, "bits": bits, "group_size": group_size}
-        cfg = CompressConfig(method=method, params={k: v for k, v in given.items() if v is not None}, calib=calib,
+        extra = {"reference": str(reference.resolve()) if reference else None, "protect": protect}
+        cfg = CompressConfig(method=method, params={k: v for k, v in {**given, **extra}.items() if v is not None}, calib=calib,
                              calib_samples=calib_samples, calib_seq_len=calib_seq_len, seed=seed,
                              data_dir=str(data_dir) if data_dir else None, device=device, format=fmt)
         suffix = "-".join(str(v).replace(":", "of") for v in given.values() if v is not None)

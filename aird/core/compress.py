@@ -83,6 +83,21 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+PROTECTED_SUFFIX = "-rp"
+
+
+def protected_method(method: str) -> str:
+    """The refusal-preserving variant of a compressor (``--protect-refusal``): the plugin named ``<method>-rp``."""
+    if method.endswith(PROTECTED_SUFFIX):
+        return method
+    have = sorted(r.name for r in plugins.plugin_registry().of("compressor") if r.name.endswith(PROTECTED_SUFFIX))
+    name = method + PROTECTED_SUFFIX
+    if name not in have:
+        raise AirdError(f"method {method} has no refusal-preserving variant; --protect-refusal works with "
+                        f"{', '.join(n[: -len(PROTECTED_SUFFIX)] for n in have) or 'no installed method'}.")
+    return name
+
+
 def _linear_input_dims(lm: LoadedModel) -> list[int]:
     """The input widths of the decoder layers' linear layers (what group sizes and N:M must divide)."""
     return sorted({mod.in_features for _i, _name, mod in lm.adapter.linears(lm.model)})

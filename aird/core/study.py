@@ -379,7 +379,12 @@ class _Study:
                 return {**done, "resumed": True}
             self.forget()   # the compressor edits the loaded model in place: load a fresh copy
             lm = self.lm(original.model_path)
-            cc = CompressConfig(method=g["method"], params=dict(g.get("params", {})), seed=self.cfg["seed"],
+            params = dict(g.get("params", {}))
+            # a refusal-preserving compressor (wanda-rp, …) protects the study's own original direction
+            if "reference" in getattr(plugins.get("compressor", g["method"]), "params", {}) \
+                    and not params.get("reference"):
+                params["reference"] = str(original.folder / "probe")
+            cc = CompressConfig(method=g["method"], params=params, seed=self.cfg["seed"],
                                 data_dir=self.data_dir, device=self.device, **self.cfg["calibration"])
             res = run_compress(lm, cc, model_dir, reporter=self.rep)
             self.forget()

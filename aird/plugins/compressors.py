@@ -165,6 +165,72 @@ class Wanda(_LLMCPruner):
     modifier = "WandaPruningModifier"
 
 
+class WandaRP(Wanda):
+    """Wanda whose pruning score also counts each weight's refusal saliency (aird/core/protect.py): within a
+    matrix, |w|·‖x‖ / mean + protect · R / mean, so the weights whose removal would move the reference
+    probe's refusal direction most are kept, at exactly Wanda's sparsity or N:M pattern (the same per-row
+    comparison groups). The saliency is computed once on the dense model; llm-compressor's own sequential
+    Wanda pipeline does the rest."""
+
+    name = "wanda-rp"
+    description = "refusal-preserving Wanda: Wanda's score plus each weight's refusal saliency (--reference PROBE)"
+    params = {"sparsity": 0.5, "pattern": None, "reference": None, "protect": 1.0, "protect_prompts": 32,
+              "protect_probes": 3}
+
+    def compress(self, lm, params, calibration):
+        from aird.core.errors import AirdError
+        from aird.core.protect import refusal_saliency
+
+        if not params.get("reference"):
+            raise AirdError(f"method {self.name} needs --reference: the original model's probe folder.")
+        if params["protect"] < 0:
+            raise AirdError("--protect must be at least 0.")
+        sal = refusal_saliency(lm, params["reference"], n_prompts=params["protect_prompts"],
+                               probes=params["protect_probes"])
+        with _protected_wanda(sal["saliency"], params["protect"]):
+            info = super().compress(lm, params, calibration)
+        info.update(protect={"strength": params["protect"], "reference": str(params["reference"]),
+                             "source": {"layer": sal["layer"], "position": sal["position"]},
+                             "prompts": sal["prompts"], "probes": sal["probes"], "d_norm": sal["d_norm"],
+                             "matrices": len(sal["saliency"])})
+        return info
+
+
+@contextlib.contextmanager
+def _protected_wanda(saliency: dict, strength: float):
+    """llm-compressor's Wanda with the protected score: its ``sparsify_weight`` (wanda/wanda_sparsify.py, 0.14)
+    with ``W_metric`` replaced by aird.core.protect.protected_scores of it, for the matrices with a saliency."""
+    from llmcompressor.modifiers.pruning.wanda import base
+
+    from aird.core.protect import protected_scores
+
+    original = base.sparsify_weight
+
+    def sparsify_weight(module, row_scalars_dict, sparsity, prune_n, prune_m):
+        if module not in saliency or not isinstance(module, torch.nn.Linear):
+            return original(module, row_scalars_dict, sparsity, prune_n, prune_m)
+        shape, dtype = module.weight.shape, module.weight.dtype
+        W = module.weight.data.clone().float()
+        S = row_scalars_dict.pop(module)
+        metric = protected_scores(W.abs() * S.reshape(1, -1).sqrt(), saliency[module], strength)
+        mask = torch.zeros_like(metric, dtype=torch.bool)
+        if prune_n:
+            for ii in range(0, metric.shape[1], prune_m):
+                tmp = metric[:, ii: ii + prune_m]
+                mask.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
+        else:
+            idx = torch.sort(metric, dim=-1, stable=True)[1][:, : int(metric.shape[1] * sparsity)]
+            mask.scatter_(1, idx, True)
+        W[mask] = 0.0
+        return W.reshape(shape).to(dtype)
+
+    base.sparsify_weight = sparsify_weight
+    try:
+        yield
+    finally:
+        base.sparsify_weight = original
+
+
 class SparseGPT(_LLMCPruner):
     name = "sparsegpt"
     description = "SparseGPT: second-order pruning with weight reconstruction (llm-compressor)"
@@ -316,5 +382,5 @@ def _strip_quantization(lm) -> None:
 
 @hookimpl
 def aird_register_compressors(register):
-    for cls in (Magnitude, Wanda, SparseGPT, RTN, GPTQ, AWQ, W8A8):
+    for cls in (Magnitude, Wanda, WandaRP, SparseGPT, RTN, GPTQ, AWQ, W8A8):
         register(cls())

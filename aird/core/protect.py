@@ -1,0 +1,147 @@
+"""Refusal saliency of every weight: how much removing it would move the original model's refusal direction.
+
+Used by the refusal-preserving compressors (``aird compress --protect-refusal``, the ``*-rp`` plugins). The
+quantity protected is the difference of means itself,
+
+    d(W) = mean over harmful prompts of h_L[p] − mean over harmless prompts of h_L[p],
+
+the residual stream entering the source layer L at the source position p of the reference probe's chosen
+direction (the original model's r̂ = d / ‖d‖), on the probe's own training prompts (already seen by the probe,
+never by an evaluation). Zeroing weight w_ij changes d by about −w_ij ∂d/∂w_ij (first order, the estimate of
+Optimal Brain Damage and SNIP), and what matters is that whole vector: its component along r̂ is the refusal
+signal (a shorter one refuses less), its component orthogonal to r̂ turns the direction (the cosine that
+`aird diff` reports falls as ‖Δd_⊥‖² / 2‖d‖²). The saliency is the length of that change,
+
+    R_ij = |w_ij| · sqrt( (r̂ᵀ ∂d/∂w_ij)² + E_u[(uᵀ ∂d/∂w_ij)²] ),  u ~ N(0, I − r̂ r̂ᵀ),
+
+the orthogonal part estimated with a few Gaussian probes (Hutchinson's estimator: E[(uᵀx)²] = ‖P⊥x‖²), one
+backward pass per probe through layers 0..L−1 only (the forward stops at layer L). Weights of layers ≥ L
+cannot move d and get no saliency. The sum of single-weight estimates ignores how removals interact: a
+ranking, not a prediction, and what `docs/compress.md` measures is whether the direction stays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aird.core.errors import AirdError
+from aird.core.forward import make_batches
+from aird.core.loading import LoadedModel
+
+
+class _Stop(Exception):
+    pass
+
+
+def _setup(lm: LoadedModel, reference, n_prompts: int, data_dir: str | None):
+    from aird.core.diff import open_probe
+    from aird.core.probe import config_from_record, format_prompts, load_prompt_sets
+
+    ref = open_probe(Path(reference))
+    if ref.summary["n_layers"] != lm.n_layers or ref.chosen.shape[-1] != lm.model.config.hidden_size:
+        raise AirdError("the reference probe was made on a model of another shape than the one being compressed.")
+    if n_prompts < 2:
+        raise AirdError("refusal saliency needs at least 2 prompts per side.")
+    pcfg = config_from_record(ref.summary["config"])
+    if data_dir:
+        pcfg.data_dir = data_dir
+    sets = load_prompt_sets(pcfg)
+    r = ref.chosen.to(lm.device, torch.float32)
+    return (int(ref.summary["source"]["layer"]), int(ref.summary["source"]["position"]), r / r.norm(),
+            format_prompts(lm, sets.harmful_train[:n_prompts], pcfg.system_prompt),
+            format_prompts(lm, sets.harmless_train[:n_prompts], pcfg.system_prompt))
+
+
+def _parts(lm: LoadedModel, layer: int, pos: int, harmful: list[str], harmless: list[str], batch_size: int):
+    """Each batch's share of d (harmful batches +, harmless −), the forward stopped at the source layer."""
+    cur: dict = {}
+
+    def grab(_m, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        cur["h"] = h[:, pos].float()
+        raise _Stop
+
+    handle = lm.adapter.layers(lm.model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for texts, sign in ((harmful, 1.0), (harmless, -1.0)):
+            for b in make_batches(lm, texts, batch_size):
+                try:
+                    lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                             use_cache=False)
+                except _Stop:
+                    pass
+                yield cur.pop("h").sum(0) * (sign / len(texts))
+    finally:
+        handle.remove()
+
+
+def refusal_difference(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, batch_size: int = 8,
+                       data_dir: str | None = None) -> torch.Tensor:
+    """d of the module docstring for ``lm`` (any model of the reference's shape: the original, or a compressed
+    one), on the same prompts, position and layer as :func:`refusal_saliency` uses."""
+    layer, pos, _r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
+    with torch.inference_mode():
+        return sum(_parts(lm, layer, pos, harmful, harmless, batch_size)).cpu()
+
+
+def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, probes: int = 3, seed: int = 0,
+                     batch_size: int = 8, data_dir: str | None = None) -> dict:
+    """{"saliency": {Linear module: R (same shape as its weight, float32)}, "layer", "position", "prompts",
+    "probes", "d_norm"}: the refusal saliency above for every decoder Linear of layers below the reference
+    direction's source layer, on ``n_prompts`` harmful and ``n_prompts`` harmless training prompts of the
+    reference probe (``probes`` Gaussian probes for the part orthogonal to r̂; 0: only the part along r̂)."""
+    if probes < 0:
+        raise AirdError("the number of saliency probes must be at least 0.")
+    layer, pos, r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
+    info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes}
+    if layer == 0:
+        return {"saliency": {}, **info, "d_norm": None}
+    g = torch.Generator().manual_seed(seed)
+    us = [r]
+    for _ in range(probes):       # Gaussian probes in the orthogonal complement of r̂
+        u = torch.randn(r.shape[0], generator=g).to(r.device)
+        us.append(u - r * (r @ u))
+    mods = [m for i, _n, m in lm.adapter.linears(lm.model) if i < layer]
+    params = list(lm.model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    for m in mods:
+        m.weight.requires_grad_(True)
+    grads = [{m: torch.zeros_like(m.weight, dtype=torch.float32) for m in mods} for _ in us]
+    d = torch.zeros_like(r)
+    try:
+        with torch.enable_grad():
+            for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
+                d += part.detach()
+                for k, u in enumerate(us):    # d is a sum over batches: so is each gradient
+                    gs = torch.autograd.grad(part @ u, [m.weight for m in mods], retain_graph=k < len(us) - 1)
+                    for m, gm in zip(mods, gs):
+                        grads[k][m] += gm.float()
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    out = {}
+    with torch.no_grad():
+        for m in mods:
+            w = m.weight.detach().float()
+            sq = (w * grads[0][m]) ** 2
+            if probes:
+                sq += sum((w * grads[k][m]) ** 2 for k in range(1, len(us))) / probes
+            out[m] = sq.sqrt()
+    return {"saliency": out, **info, "d_norm": float(d.norm())}
+
+
+def protected_scores(base: torch.Tensor, saliency: torch.Tensor | None, strength: float) -> torch.Tensor:
+    """The pruning score of a matrix with refusal protection: base / mean(base) + strength · R / mean(R) (each
+    term scaled by its mean over the matrix, so strength 1 weighs both alike; with no saliency, or strength 0,
+    the ranking is the base method's own)."""
+    if saliency is None or strength == 0:
+        return base
+    s = saliency.to(base.device, base.dtype)
+    ms = s.mean()
+    if not torch.isfinite(ms) or ms <= 0:
+        return base
+    return base / base.mean().clamp_min(1e-30) + strength * s / ms

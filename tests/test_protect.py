@@ -1,0 +1,131 @@
+"""Refusal-preserving compression (aird/core/protect.py, the wanda-rp plugin) on the tiny refusing model."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aird.core.compress import CompressConfig, protected_method, run_compress
+from aird.core.directions import cosine
+from aird.core.errors import AirdError
+from aird.core.loading import load_model
+from aird.core.measure import decoder_linear_weights
+from aird.core.probe import ProbeConfig, run_probe
+from aird.core.protect import protected_scores, refusal_difference, refusal_saliency
+
+
+@pytest.fixture(scope="module")
+def probed(refusing, tmp_path_factory):
+    model_dir, data = refusing
+    out = tmp_path_factory.mktemp("protect") / "probe"
+    lm = load_model(str(model_dir), device="cpu")
+    run_probe(lm, ProbeConfig(n_train=48, n_val=16, batch_size=16, data_dir=str(data), top_k=2, max_scored=6), out)
+    return model_dir, data, out
+
+
+def test_saliency_is_the_first_order_change_of_the_refusal_projection(probed):
+    """With no orthogonal probes, R is |w · ∂(r̂ᵀd)/∂w|: zeroing one weight moves r̂ᵀd by about that much (the
+    weights of layers at or above the source cannot move d and get none)."""
+    model_dir, data, probe = probed
+    lm = load_model(str(model_dir), device="cpu")
+    sal = refusal_saliency(lm, probe, n_prompts=16, probes=0, data_dir=str(data))
+    layer = sal["layer"]
+    assert 0 < layer and sal["saliency"]
+    mods = {id(m): i for i, _n, m in lm.adapter.linears(lm.model)}
+    assert all(mods[id(m)] < layer for m in sal["saliency"])
+    from aird.core.diff import open_probe
+
+    unit = open_probe(probe).chosen
+    unit = unit / unit.norm()
+    base = refusal_difference(lm, probe, n_prompts=16, data_dir=str(data)) @ unit
+    # the three most salient single weights: the measured change agrees with the estimate to within 25%
+    flat = [(float(R.flatten()[k]), m, k) for m, R in sal["saliency"].items() for k in [int(R.argmax())]]
+    checked = 0
+    for est, m, k in sorted(flat, key=lambda t: -t[0])[:3]:
+        keep = m.weight.data.flatten()[k].item()
+        with torch.no_grad():
+            m.weight.data.view(-1)[k] = 0.0
+        moved = abs(float(refusal_difference(lm, probe, n_prompts=16, data_dir=str(data)) @ unit - base))
+        with torch.no_grad():
+            m.weight.data.view(-1)[k] = keep
+        assert moved == pytest.approx(est, rel=0.25), (moved, est)
+        checked += 1
+    assert checked == 3
+
+
+def test_protected_scores_keep_the_base_ranking_without_saliency():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(8, 16, generator=g)
+    assert torch.equal(protected_scores(base, None, 1.0), base)
+    assert torch.equal(protected_scores(base, torch.rand(8, 16, generator=g), 0.0), base)
+    sal = torch.zeros(8, 16)
+    sal[3, 5] = 1.0
+    out = protected_scores(base, sal, 1.0)
+    assert int(out[3].argmax()) == 5                                    # the one salient weight ranks first
+    assert torch.equal(out[0].argsort(), base[0].argsort())             # rows without saliency keep their order
+
+
+def _d(model_dir, probe, data, folder=None):
+    lm = load_model(str(folder or model_dir), device="cpu")
+    return refusal_difference(lm, probe, n_prompts=32, data_dir=str(data))
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_protected_wanda_moves_the_direction_less_at_exactly_the_same_sparsity(probed, tmp_path, pattern):
+    model_dir, data, probe = probed
+    params = {"pattern": pattern} if pattern else {"sparsity": 0.5}
+    out = {}
+    for method, extra in (("wanda", {}), ("wanda-rp", {"reference": str(probe), "protect": 4.0})):
+        lm = load_model(str(model_dir), device="cpu")
+        cfg = CompressConfig(method=method, params={**params, **extra}, data_dir=str(data), calib_samples=16,
+                             calib_seq_len=64)
+        s = run_compress(lm, cfg, tmp_path / method).summary
+        out[method] = s
+        if pattern:
+            assert s["nm_compliant"] is True
+        assert s["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    prot = out["wanda-rp"]
+    assert prot["info"]["protect"]["matrices"] > 0 and prot["info"]["protect"]["strength"] == 4.0
+    # exactly the same number of zeros in every written matrix
+    w0 = decoder_linear_weights(load_file(str(tmp_path / "wanda" / "model.safetensors")))
+    w1 = decoder_linear_weights(load_file(str(tmp_path / "wanda-rp" / "model.safetensors")))
+    for k in w0:
+        assert int((w0[k] == 0).sum()) == int((w1[k] == 0).sum()), k
+    d0 = _d(model_dir, probe, data)
+    d_plain = _d(model_dir, probe, data, tmp_path / "wanda")
+    d_prot = _d(model_dir, probe, data, tmp_path / "wanda-rp")
+    assert (d_prot - d0).norm() < (d_plain - d0).norm()
+    assert float(cosine(d_prot, d0)) >= float(cosine(d_plain, d0))
+
+
+def test_protect_refusal_names_the_variant_or_says_there_is_none():
+    assert protected_method("wanda") == "wanda-rp"
+    assert protected_method("wanda-rp") == "wanda-rp"
+    with pytest.raises(AirdError, match="no refusal-preserving variant.*wanda"):
+        protected_method("rtn")
+
+
+def test_wanda_rp_needs_a_reference(refusing, tmp_path):
+    model_dir, data = refusing
+    lm = load_model(str(model_dir), device="cpu")
+    with pytest.raises(AirdError, match="needs --reference"):
+        run_compress(lm, CompressConfig(method="wanda-rp", params={"sparsity": 0.5}, data_dir=str(data),
+                                        calib_samples=4, calib_seq_len=32), tmp_path / "x")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "rtn", "--bits", "8", "--protect-refusal", "-r", "PROBE"], "rtn has no refusal-preserving variant"),
+    (["--method", "wanda", "--sparsity", "0.5", "--protect-refusal"], "--protect-refusal needs --reference"),
+    (["--method", "wanda", "--sparsity", "0.5", "-r", "PROBE"], "wanda takes no --reference"),
+    (["--method", "wanda", "--protect-refusal", "-r", "MISSING"], "does not exist"),
+])
+def test_cli_protect_refusal_errors_are_one_sentence_before_the_model_loads(probed, tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from aird.cli.main import app
+
+    _model_dir, _data, probe = probed
+    args = [str(probe) if a == "PROBE" else str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    # the model named does not exist: each error must come before anything tries to load it
+    res = CliRunner().invoke(app, ["compress", "--model", str(tmp_path / "no-model"), *args, "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert message in " ".join(res.output.split()), res.output
