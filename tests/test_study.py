@@ -377,3 +377,28 @@ def test_heldout_rows_pair_the_three_models_on_held_out_prompts_only(tmp_path):
     assert rows["jbb"][7] == "-70.0" and rows["jbb"][8] == f"{mcnemar_exact(7, 0):.2g}"
     assert rows["jbb"][9] == "-10.0" and rows["jbb"][10] == f"{mcnemar_exact(1, 0):.2g}"
     assert rows["xs_safe"][2:7] == ["over-refusal", 5, "0.000", "0.000", "0.200"] and rows["xs_safe"][9] == "+20.0"
+
+
+def test_a_refusal_preserving_grid_entry_protects_the_studys_own_original_direction(tmp_path, monkeypatch):
+    """wanda-rp in a grid needs a reference probe: the study passes its original model's probe folder."""
+    from aird.core import compress as compress_mod
+    from aird.core.progress import Reporter
+
+    seen = {}
+
+    def fake(lm, cc, out, reporter=None):
+        seen.update(cc.params)
+        return compress_mod.CompressResult(out, {"method": cc.method, "kind": "pruning"})
+
+    monkeypatch.setattr(compress_mod, "run_compress", fake)
+    st = study_mod._Study({"seed": 1, "calibration": {}}, tmp_path, Reporter(), "cpu", None, lambda *a, **k: None)
+    monkeypatch.setattr(st, "lm", lambda path: None)
+    original = Entry("original", "original", tmp_path / "original", "some-model")
+    st.compress({"name": "w-rp", "method": "wanda-rp", "params": {"sparsity": 0.5}}, original)
+    assert seen == {"sparsity": 0.5, "reference": str(tmp_path / "original" / "probe")}
+    seen.clear()
+    st.compress({"name": "w-rp2", "method": "wanda-rp", "params": {"sparsity": 0.5, "reference": "/elsewhere"}}, original)
+    assert seen["reference"] == "/elsewhere"                        # one given in the grid is kept
+    seen.clear()
+    st.compress({"name": "w", "method": "wanda", "params": {"sparsity": 0.5}}, original)
+    assert "reference" not in seen                                  # plain methods take none

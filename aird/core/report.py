@@ -25,19 +25,15 @@ def _paired_origins(before: Entry, after: Entry, keep) -> dict | None:
     """The harmful prompts of two evaluated models, paired, restricted to those whose origin passes ``keep``:
     ASR before and after, newly refused, no longer refused, the exact McNemar p and the origins present (None
     when the per-prompt records are not on disk)."""
-    paths = [e.eval_dir / EVAL_JSONL if e.folder else None for e in (before, after)]
-    if not all(p is not None and p.is_file() for p in paths):
+    a, b = _prompt_records(before), _prompt_records(after)
+    if a is None or b is None:
         return None
-    a, b = ({(r["set"], r["index"], r["prompt"]): r for r in read_jsonl(p, torn_tail_ok=True)
-             if r["record"] == "eval.prompt" and r["role"] == "harmful" and keep(r.get("origin"))} for p in paths)
-    keys = [k for k in a if k in b]
-    n = len(keys)
-    newly = sum(b[k]["refused"] and not a[k]["refused"] for k in keys)
-    gone = sum(a[k]["refused"] and not b[k]["refused"] for k in keys)
-    return {"n": n, "newly": newly, "gone": gone, "p": mcnemar_exact(newly, gone),
-            "before": sum(not a[k]["refused"] for k in keys) / n if n else None,
-            "after": sum(not b[k]["refused"] for k in keys) / n if n else None,
-            "origins": sorted({a[k].get("origin") or "?" for k in keys})}
+    keys = [k for k, r in a.items() if r["role"] == "harmful" and keep(r.get("origin")) and k in b]
+    if not keys:
+        return {"n": 0, "newly": 0, "gone": 0, "p": 1.0, "before": None, "after": None, "origins": []}
+    pr = paired_rate(a, b, keys)
+    return {"n": pr["n"], "newly": pr["newly"], "gone": pr["gone"], "p": pr["p"], "before": pr["before"],
+            "after": pr["after"], "origins": sorted({a[k].get("origin") or "?" for k in keys})}
 
 
 def _prompt_records(e: Entry) -> dict | None:
