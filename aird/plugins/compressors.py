@@ -23,6 +23,7 @@ import importlib.metadata as md
 import io
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -185,14 +186,16 @@ class WandaRP(Wanda):
             raise AirdError(f"method {self.name} needs --reference: the original model's probe folder.")
         if params["protect"] < 0:
             raise AirdError("--protect must be at least 0.")
+        t = time.perf_counter()
         sal = refusal_saliency(lm, params["reference"], n_prompts=params["protect_prompts"],
                                probes=params["protect_probes"])
+        saliency_s = round(time.perf_counter() - t, 3)
         with _protected_wanda(sal["saliency"], params["protect"]):
             info = super().compress(lm, params, calibration)
         info.update(protect={"strength": params["protect"], "reference": str(params["reference"]),
                              "source": {"layer": sal["layer"], "position": sal["position"]},
                              "prompts": sal["prompts"], "probes": sal["probes"], "d_norm": sal["d_norm"],
-                             "matrices": len(sal["saliency"])})
+                             "matrices": len(sal["saliency"]), "saliency_seconds": saliency_s})
         return info
 
 
