@@ -52,6 +52,16 @@ def test_saliency_is_the_first_order_change_of_the_refusal_projection(probed):
     assert checked == 3
 
 
+def test_orthogonal_probes_only_add_to_the_saliency(probed):
+    model_dir, data, probe = probed
+    lm = load_model(str(model_dir), device="cpu")
+    along = refusal_saliency(lm, probe, n_prompts=8, probes=0, data_dir=str(data))["saliency"]
+    full = refusal_saliency(lm, probe, n_prompts=8, probes=3, data_dir=str(data))["saliency"]
+    assert along.keys() == full.keys()
+    assert all(bool((full[m] >= along[m] - 1e-6).all()) for m in full)
+    assert any(bool((full[m] > along[m] + 1e-6).any()) for m in full)
+
+
 def test_protected_scores_keep_the_base_ranking_without_saliency():
     g = torch.Generator().manual_seed(0)
     base = torch.rand(8, 16, generator=g)

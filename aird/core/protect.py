@@ -15,7 +15,7 @@ signal (a shorter one refuses less), its component orthogonal to r̂ turns the d
     R_ij = |w_ij| · sqrt( (r̂ᵀ ∂d/∂w_ij)² + E_u[(uᵀ ∂d/∂w_ij)²] ),  u ~ N(0, I − r̂ r̂ᵀ),
 
 the orthogonal part estimated with a few Gaussian probes (Hutchinson's estimator: E[(uᵀx)²] = ‖P⊥x‖²), one
-backward pass per probe through layers 0..L−1 only (the forward stops at layer L). Weights of layers ≥ L
+batched backward pass through layers 0..L−1 only (the forward stops at layer L). Weights of layers ≥ L
 cannot move d and get no saliency. The sum of single-weight estimates ignores how removals interact: a
 ranking, not a prediction, and what `docs/compress.md` measures is whether the direction stays.
 """
@@ -114,12 +114,16 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
     d = torch.zeros_like(r)
     try:
         with torch.enable_grad():
+            U = torch.stack(us)
+            weights = [m.weight for m in mods]
             for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
                 d += part.detach()
-                for k, u in enumerate(us):    # d is a sum over batches: so is each gradient
-                    gs = torch.autograd.grad(part @ u, [m.weight for m in mods], retain_graph=k < len(us) - 1)
-                    for m, gm in zip(mods, gs):
-                        grads[k][m] += gm.float()
+                # d is a sum over batches: so is each gradient. All probes in one batched backward pass
+                # (vmap over the probes)
+                gs = torch.autograd.grad(part, weights, grad_outputs=U, is_grads_batched=True)
+                for m, gm in zip(mods, gs):
+                    for k in range(len(us)):
+                        grads[k][m] += gm[k].float()
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
