@@ -23,14 +23,10 @@ import torch
 
 from aird.core.errors import AirdError
 from aird.core.forward import batches_of_ids
-from aird.core.hooks import capture_resid
+from aird.core.hooks import capture_resid, forward_until, stop_before
 
 FOLDS = 5
 PROMPT_CHARS = 600        # longer prompts keep their first and last 300 characters: a jailbreak's request often ends it
-
-
-class _Stop(Exception):
-    """Raised by a hook once the deepest wanted layer is reached: the rest of the forward pass is not needed."""
 
 
 def prompt_fold(prompt: str, folds: int = FOLDS) -> int:
@@ -62,29 +58,19 @@ def answer_features(lm, prompts: list[str], completions: list[str], layers: list
     out = {layer: torch.empty((len(rows), lm.model.config.hidden_size)) for layer in layers}
     store: dict[int, torch.Tensor] = {}
 
-    def stop(module, args, kwargs):     # registered after capture_resid's hook: the deepest layer is stored first
-        raise _Stop
-
-    with torch.inference_mode(), capture_resid(lm, store, None, layers):
-        handle = blocks[max(layers)].register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            for b in batches_of_ids(lm, [head + ans for head, ans in rows], batch_size):
-                width = b.input_ids.shape[1]
-                sel = torch.zeros((len(b.idx), width))     # the mean over each row's reply tokens (left padded)
-                for r, i in enumerate(b.idx):
-                    n_ans = max(1, len(rows[i][1]))
-                    sel[r, width - n_ans:] = 1.0 / n_ans
-                try:
-                    lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                             use_cache=False, logits_to_keep=1)
-                except _Stop:
-                    pass
-                for layer in layers:
-                    out[layer][b.idx] = torch.einsum("bt,btd->bd", sel, store[layer].float().cpu())
-                if progress:
-                    progress(len(b.idx))
-        finally:
-            handle.remove()
+    # the stop comes after capture_resid's hooks: the deepest layer's input is stored, then the pass ends
+    with torch.inference_mode(), capture_resid(lm, store, None, layers), stop_before(lm, max(layers)):
+        for b in batches_of_ids(lm, [head + ans for head, ans in rows], batch_size):
+            width = b.input_ids.shape[1]
+            sel = torch.zeros((len(b.idx), width))     # the mean over each row's reply tokens (left padded)
+            for r, i in enumerate(b.idx):
+                n_ans = max(1, len(rows[i][1]))
+                sel[r, width - n_ans:] = 1.0 / n_ans
+            forward_until(lm, b)
+            for layer in layers:
+                out[layer][b.idx] = torch.einsum("bt,btd->bd", sel, store[layer].float().cpu())
+            if progress:
+                progress(len(b.idx))
     return out
 
 

@@ -103,6 +103,32 @@ def capture_resid(lm: LoadedModel, store: dict[int, torch.Tensor], positions: li
         yield
 
 
+class StopForward(Exception):
+    """Raised by the hook of :func:`stop_before` once the forward pass reaches its layer."""
+
+
+def _stop(module, args, kwargs):
+    raise StopForward
+
+
+@contextmanager
+def stop_before(lm: LoadedModel, layer: int) -> Iterator[None]:
+    """Every forward pass stops at the input of ``layer``: the layers above it, the final norm and the logits
+    are not computed. Enter it after the hooks that read that input (pre-hooks run in the order they were
+    registered) and run the model with :func:`forward_until`."""
+    with _registered([lm.adapter.layers(lm.model)[layer].register_forward_pre_hook(_stop, with_kwargs=True)]):
+        yield
+
+
+def forward_until(lm: LoadedModel, batch) -> None:
+    """One forward pass of a batch (aird.core.forward.Batch) under :func:`stop_before`."""
+    try:
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 use_cache=False, logits_to_keep=1)
+    except StopForward:
+        pass
+
+
 class _Skip(nn.Module):
     """Stands in for a decoder layer whose output is already known (returns its input unchanged)."""
 

@@ -28,11 +28,8 @@ import torch
 
 from aird.core.errors import AirdError
 from aird.core.forward import make_batches
+from aird.core.hooks import forward_until, stop_before
 from aird.core.loading import LoadedModel
-
-
-class _Stop(Exception):
-    pass
 
 
 def _setup(lm: LoadedModel, reference, n_prompts: int, data_dir: str | None):
@@ -58,21 +55,17 @@ def _parts(lm: LoadedModel, layer: int, pos: int, harmful: list[str], harmless: 
     """Each batch's share of d (harmful batches +, harmless −), the forward stopped at the source layer."""
     cur: dict = {}
 
-    def grab(_m, args, kwargs):
+    def grab(_m, args, kwargs):    # not capture_resid: that one detaches, and the saliency needs the graph
         h = args[0] if args else kwargs["hidden_states"]
         cur["h"] = h[:, pos].float()
-        raise _Stop
 
     handle = lm.adapter.layers(lm.model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for texts, sign in ((harmful, 1.0), (harmless, -1.0)):
-            for b in make_batches(lm, texts, batch_size):
-                try:
-                    lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                             use_cache=False)
-                except _Stop:
-                    pass
-                yield cur.pop("h").sum(0) * (sign / len(texts))
+        with stop_before(lm, layer):
+            for texts, sign in ((harmful, 1.0), (harmless, -1.0)):
+                for b in make_batches(lm, texts, batch_size):
+                    forward_until(lm, b)
+                    yield cur.pop("h").sum(0) * (sign / len(texts))
     finally:
         handle.remove()
 
