@@ -103,7 +103,8 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
         p.requires_grad_(False)
     for m in mods:
         m.weight.requires_grad_(True)
-    grads = [{m: torch.zeros_like(m.weight, dtype=torch.float32) for m in mods} for _ in us]
+    # per weight matrix, the gradient of uᵀd for every probe u, stacked: [probes + 1, *weight.shape]
+    grads = {m: torch.zeros((len(us), *m.weight.shape), dtype=torch.float32, device=m.weight.device) for m in mods}
     d = torch.zeros_like(r)
     try:
         with torch.enable_grad():
@@ -115,8 +116,7 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
                 # (vmap over the probes)
                 gs = torch.autograd.grad(part, weights, grad_outputs=U, is_grads_batched=True)
                 for m, gm in zip(mods, gs):
-                    for k in range(len(us)):
-                        grads[k][m] += gm[k].float()
+                    grads[m] += gm.float()
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
@@ -124,10 +124,8 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
     with torch.no_grad():
         for m in mods:
             w = m.weight.detach().float()
-            sq = (w * grads[0][m]) ** 2
-            if probes:
-                sq += sum((w * grads[k][m]) ** 2 for k in range(1, len(us))) / probes
-            out[m] = sq.sqrt()
+            sq = (w * grads[m]) ** 2             # [probes + 1, …]: along r̂ first, then the orthogonal probes
+            out[m] = (sq[0] + (sq[1:].mean(0) if probes else 0)).sqrt()
     return {"saliency": out, **info, "d_norm": float(d.norm())}
 
 
