@@ -479,3 +479,52 @@ def test_quantized_folders_keep_their_grid_and_the_grid_repair_stays_on_it(study
         run_repair(load_model(str(root / "pruned"), device="cpu"), root / "probe-orig",
                    RepairConfig(method="aird-grid", layer=1, judge="score", check_on=[], data_dir=str(data)),
                    tmp_path / "pruned-grid")
+
+
+def test_separations_and_gap_ranking_by_hand(study):
+    """The separation after each block is the harmful prompts' mean projection on r̂ at the post-instruction
+    tokens minus the harmless prompts' (as writer_rows reads it block by block), and the gap ranking orders the
+    blocks by the deficit each added, which sum to the last block's deficit."""
+    from aird.core.repair import rank_gaps, separations, writer_rows
+
+    root, data = study
+    unit, orig_path, texts = _calibration(study)
+    half = len(texts) // 2
+    harmful, harmless = texts[:half][:8], texts[half:][:8]
+    lm = load_model(str(root / "pruned"), device="cpu")
+    k = len(lm.adapter.post_instruction_positions(lm.tokenizer))
+    top = lm.n_layers - 1
+    seps = separations(lm, harmful, harmless, unit, 3, k, max_layer=top)
+    assert len(seps) == top + 1
+    for layer in range(top + 1):
+        _, ph, _ = writer_rows(lm, harmful, layer, [], unit, 5, last=k)
+        _, pb, _ = writer_rows(lm, harmless, layer, [], unit, 5, last=k)
+        assert seps[layer] == pytest.approx(float(ph.mean() - pb.mean()), abs=1e-4)
+    orig = load_model(orig_path, device="cpu")
+    seps_o = separations(orig, harmful, harmless, unit, 3, k, max_layer=top)
+    rows = rank_gaps(seps_o, seps)
+    assert [r["added_deficit"] for r in rows] == sorted((r["added_deficit"] for r in rows), reverse=True)
+    by_layer = sorted(rows, key=lambda r: r["layer"])
+    assert sum(r["added_deficit"] for r in by_layer) == pytest.approx(by_layer[-1]["deficit"], abs=1e-5)
+    assert by_layer[-1]["deficit"] == pytest.approx(seps_o[-1] - seps[-1], abs=1e-6)
+    assert rank_gaps([1.0, 3.0, 4.0], [1.0, 1.5, 2.0])[0]["layer"] == 1      # 1.5 lost in block 1, 0.5 in block 2
+
+
+def test_repair_at_the_blocks_where_compression_lost_separation(study, tmp_path):
+    """--layer gap searches the blocks below the source that added the most deficit, records every block's
+    separations, and edits one of them; a layer choice it does not know is refused before any model work."""
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer="gap", candidates=2, matrix="both",
+                                                         alpha=1.0, judge="score", check_on=[], data_dir=str(data)),
+                   tmp_path / "gap")
+    gaps = s["gaps"]
+    assert [g["layer"] for g in gaps] == list(range(len(gaps))) and len(gaps) <= max(1, s["source_layer"])
+    best = sorted(gaps, key=lambda g: -g["added_deficit"])[:2]
+    assert s["layer"] in {g["layer"] for g in best} and s["matrix"] == "attn+mlp"
+    assert {t["layer"] for t in s["validation"]["trials"]} == {g["layer"] for g in best}
+    assert all(g["deficit"] == pytest.approx(g["original_separation"] - g["compressed_separation"]) for g in gaps)
+    assert s["fit"] is not None
+    with pytest.raises(AirdError, match="--layer must be"):
+        run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer="best", judge="score",
+                                                         check_on=[], data_dir=str(data)), tmp_path / "bad")

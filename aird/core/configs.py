@@ -90,7 +90,7 @@ FIT_POSITIONS = ("all", "post")
 @dataclass
 class RepairConfig:
     method: str = "aird"
-    layer: int | str | None = None      # None: source − 1; int; "auto"
+    layer: int | str | None = None      # None: source − 1; int; "auto" (selective writers); "gap" (where compression lost separation)
     matrix: str = "both"                 # attn | mlp | both
     alpha: float | str = "auto"
     guard: float = 0.02                  # harmless refusal rate may rise at most this much
@@ -98,7 +98,7 @@ class RepairConfig:
     judge: str = "generate"              # generate (as eval judges) | score (first-token refusal score > 0)
     scorer: str = "substring"            # the scorer plugin of the generate judge
     max_new_tokens: int = 24             # the generate judge's answer length (refusal phrases come first)
-    candidates: int = 2                  # layer auto: how many of the best-ranked (layer, matrix) to search
+    candidates: int = 2                  # layer auto / gap: how many of the best-ranked (layer, matrix) / blocks to search
     refine: int = 2                      # generate judge: bisections between the last two grid α
     compressed_probe: str | None = None
     tune_on: list[str] | None = None     # α search prompts: None = the probe's validation splits; else named sets
@@ -139,6 +139,8 @@ class RepairConfig:
             raise AirdError(f"--fit-positions must be {' or '.join(FIT_POSITIONS)}, not {self.fit_positions!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
             raise AirdError(f"--ridge must be a positive number, not {self.ridge!r}.")
+        if isinstance(self.layer, str) and self.layer not in ("auto", "gap"):
+            raise AirdError(f"--layer must be a number, default, auto or gap, not {self.layer!r}.")
         if isinstance(self.layer, int) and self.layer < 0:
             raise AirdError(f"--layer must be at least 0, not {self.layer}.")
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -141,6 +141,52 @@ def rank_writers(lm: LoadedModel, harmful: list[str], harmless: list[str], unit:
         rows.append({"layer": i, "matrix": w, "harmful_projection": mh, "harmless_projection": ms,
                      "selectivity": sel, "score": gap * sel * sel if gap > 0 else gap})
     return sorted(rows, key=lambda r: -r["score"])
+
+
+def separations(lm: LoadedModel, harmful: list[str], harmless: list[str], unit: torch.Tensor, batch_size: int,
+                last: int, max_layer: int | None = None) -> list[float]:
+    """After every block up to ``max_layer``: the separation of the residual stream's projection on r̂, mean over
+    the harmful prompts' ``last`` tokens (the post-instruction ones) minus the same over the harmless prompts'."""
+    blocks = lm.adapter.layers(lm.model)
+    top = len(blocks) if max_layer is None else max_layer + 1
+    u = unit.to(lm.device).float()
+    cur: dict[int, float] = {}
+
+    def keep(i):
+        def hook(_m, _a, out):
+            h = out[0] if isinstance(out, tuple) else out
+            cur[i] = float((h[:, -last:, :].float() @ u).sum())
+        return hook
+
+    handles = [blocks[i].register_forward_hook(keep(i)) for i in range(top)]
+    means = []
+    try:
+        with torch.inference_mode(), (hooks.stop_before(lm, top) if top < len(blocks) else nullcontext()):
+            for texts in (harmful, harmless):
+                acc = [0.0] * top
+                for b in make_batches(lm, texts, batch_size):
+                    hooks.forward_until(lm, b)
+                    for i in range(top):
+                        acc[i] += cur[i]
+                means.append([a / (len(texts) * last) for a in acc])
+    finally:
+        for h in handles:
+            h.remove()
+    return [h - s for h, s in zip(*means)]
+
+
+def rank_gaps(original: list[float], compressed: list[float]) -> list[dict]:
+    """Every block: the compressed model's deficit of separation after it (original − compressed) and the
+    part of that deficit the block itself added (its deficit minus the previous block's): where compression took
+    away what the block wrote along r̂, which a fitted edit of that block's matrices can put back. Largest
+    added deficit first."""
+    rows, prev = [], 0.0
+    for i, (o, c) in enumerate(zip(original, compressed)):
+        deficit = o - c
+        rows.append({"layer": i, "original_separation": o, "compressed_separation": c, "deficit": deficit,
+                     "added_deficit": deficit - prev})
+        prev = deficit
+    return sorted(rows, key=lambda r: -r["added_deficit"])
 
 
 def search_alpha(trial, alphas: list[float], early_stop: bool, refine: int = 0, advance=lambda n=1: None) -> list[dict]:
@@ -419,7 +465,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     src = ref.summary["source"]["layer"]
     if cfg.compressed_probe:
         src = open_probe(Path(cfg.compressed_probe)).summary["source"]["layer"]
-    if cfg.layer not in (None, "auto"):
+    if cfg.layer not in (None, "auto", "gap"):
         layer = int(cfg.layer)
         if not 0 <= layer < n_layers:
             raise AirdError(f"--layer must be in [0, {n_layers - 1}], got {layer}.")
@@ -456,7 +502,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     tuned_origins = origins(seen, cfg.data_dir)
     check = (_Check(list(cfg.check_on), cfg.check_limit, seen, tuned_origins, cfg.data_dir, pcfg.seed)
              if cfg.check_on and cfg.check_limit > 0 else None)
-    ranking = None
+    ranking = gaps = None
     if cfg.layer == "auto":
         with sw("ranking"), rep.stage("ranking the residual-writing matrices by selectivity", 1) as advance:
             ranking = rank_writers(lm, format_prompts(lm, sets.harmful_train, pcfg.system_prompt),
@@ -464,23 +510,40 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                                    cfg.batch_size, max_layer=max(src, ref.summary["source"]["layer"]))
             advance(1)
         candidates = [(r["layer"], [r["matrix"]]) for r in ranking[: cfg.candidates]]
+    elif cfg.layer == "gap":
+        candidates = None           # decided beside the original model, below
+        lm.adapter.layers(lm.model)  # an unsupported family fails before the original model loads
     elif cfg.layer is None:
         candidates = [(max(0, src - 1), which)]
     else:
         candidates = [(int(cfg.layer), which)]
     grids = {}
-    for layer, mats in candidates:
-        _targets(lm, layer, mats)   # an unsupported family fails before the search
-        grids[layer, tuple(mats)] = _grids_of(lm, repair, layer, mats)   # so does a grid repair without its grid
+
+    def check_candidates():
+        for layer, mats in candidates:
+            _targets(lm, layer, mats)   # an unsupported family fails before the search
+            grids[layer, tuple(mats)] = _grids_of(lm, repair, layer, mats)   # so does a grid repair without its grid
+
+    if candidates is not None:
+        check_candidates()
 
     judge = (_GenJudge(harmful, harmless, [p.instruction for p in tune_h + tune_b], scorer, cfg.max_new_tokens,
                        cfg.batch_size) if cfg.judge == "generate" else None)
     fits: dict[int, dict] = {}
     judged: dict[str, list[bool]] = {}
     original = None
-    if judge is not None or fitting or check is not None:
+    if judge is not None or fitting or check is not None or candidates is None:
         with sw("original"), rep.stage("the original model: refusal rates, fits and checks", 1) as advance, \
                 _original_model(ref, lm.device, lm.info.get("dtype")) as orig:
+            if candidates is None:
+                calib_h = format_prompts(lm, sets.harmful_train, pcfg.system_prompt)
+                calib_b = format_prompts(lm, sets.harmless_train, pcfg.system_prompt)
+                post = len(lm.adapter.post_instruction_positions(lm.tokenizer, pcfg.system_prompt))
+                top = max(1, src, ref.summary["source"]["layer"]) - 1    # the blocks that write the source's input
+                gaps = rank_gaps(separations(orig, calib_h, calib_b, unit, cfg.batch_size, post, top),
+                                 separations(lm, calib_h, calib_b, unit, cfg.batch_size, post, top))
+                candidates = [(r["layer"], which) for r in gaps[: cfg.candidates]]
+                check_candidates()
             if judge is not None:
                 original = judge.rates(orig)
             if fitting:
@@ -566,11 +629,12 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
               for name, m in lay_a["matrices"].items() if name.endswith(("o_proj", "down_proj"))}
     keys = ("harmful_refusal_rate", "harmless_refusal_rate", "harmful_refusal_score", "harmless_refusal_score")
     summary = run.record(
-        "repair.summary", method=repair.name, layer=best["layer"], matrix=best["matrix"] if cfg.layer == "auto"
+        "repair.summary", method=repair.name, layer=best["layer"], matrix=best["matrix"] if cfg.layer in ("auto", "gap")
         else cfg.matrix, alpha=best["alpha"], source_layer=src, reference_source=ref.summary["source"],
         layer_sparsity={"before": lay_b["sparsity"], "after": lay_a["sparsity"], "matrices": edited},
         sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
         ranking=ranking[:10] if ranking else None,
+        gaps=sorted(gaps, key=lambda r: r["layer"]) if gaps else None,
         fit={k: v for k, v in best_fit.items() if k not in ("u", "parts")} if best_fit else None,
         grid=({"matrices": dict(zip(best_mats, grid_reports)),
                "on_grid": all(on_grid(m.weight.data, g) for m, g in zip(_targets(lm, best["layer"], best_mats),
