@@ -20,7 +20,7 @@ OUT = Path(study.__file__).resolve().parents[1] / "study.default.toml"
 OWN = {"methods": "repair plugins to run on each compressed model", "when": "which models to repair: moved (the "
        "direction moved: source changed or cosine below moved_below_cosine), all or never",
        "moved_below_cosine": "cosine under which a direction counts as moved", "matrix": "attn, mlp or both",
-       "alpha": "edit strength, or auto", "layer": "a layer index, auto, or omitted: the one below the source"}
+       "alpha": "edit strength, or auto", "layer": "a layer index, auto, gap, or omitted: the one below the source"}
 TOP = {"model": "named model, model folder, .gguf file or hub id", "seed": "seed of every sampled set",
        "grid": "the compressions: a list of {name, method, params, only_on}; name is the model's folder"}
 

@@ -9,7 +9,11 @@ Three choices, each explicit and recorded:
   harmful against harmless training prompts — and searches the best ones. The edit multiplies that projection
   by (1 + α), so a matrix that writes +r̂ on harmful prompts and −r̂ (or nothing) on harmless ones raises
   refusal on the first without raising it on the second; the source layer's MLP, which writes r̂ on both,
-  cannot (measured on the default model: see docs/results.md);
+  cannot (measured on the default model: see docs/results.md); ``gap`` loads the original model and ranks the
+  blocks below the source by how much of the harmful-minus-harmless separation along r̂ each one lost under
+  compression (the compressed model's deficit after the block minus its deficit before it), so that a fitting
+  method is fitted where the compressed model departs from the original rather than where a matrix already
+  writes r̂ (on SparseGPT 50% of the default model the two disagree: docs/generalization.md);
 - the matrix: attention out (o_proj), MLP down (down_proj), or both (with ``auto``: either);
 - α: given, or ``auto``: the smallest α on a grid (refined by bisection between the last two grid values with
   the generate judge) that brings the harmful-validation refusal rate back to the original model's while the
