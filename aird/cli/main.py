@@ -340,7 +340,7 @@ def compress_cmd(
 ) -> None:
     """Prune or quantize a model with a compressor plugin and write a model folder that loads like the
     original, with compress.jsonl measuring the achieved sparsity and bits from the written weights."""
-    from aird.core.compress import protected_method, run_compress
+    from aird.core.compress import protected_method, run_compress, takes_reference
     from aird.core.env import set_threads
     from aird.core.plugins import get
 
@@ -351,7 +351,7 @@ def compress_cmd(
             method = protected_method(method)
             if reference is None:
                 raise AirdError("--protect-refusal needs --reference: the original model's probe folder.")
-        if (reference is not None or protect is not None) and "reference" not in getattr(get("compressor", method), "params", {}):
+        if (reference is not None or protect is not None) and not takes_reference(method):
             raise AirdError(f"method {method} takes no --reference or --protect; add --protect-refusal for its "
                             "refusal-preserving variant.")
         if reference is not None:

@@ -98,6 +98,12 @@ def protected_method(method: str) -> str:
     return name
 
 
+def takes_reference(method: str) -> bool:
+    """Whether a compressor reads the original model's probe (its ``reference`` parameter): the refusal-preserving
+    ones, whose reference a study fills with its own original probe."""
+    return "reference" in getattr(plugins.get("compressor", method), "params", {})
+
+
 def _linear_input_dims(lm: LoadedModel) -> list[int]:
     """The input widths of the decoder layers' linear layers (what group sizes and N:M must divide)."""
     return sorted({mod.in_features for _i, _name, mod in lm.adapter.linears(lm.model)})

@@ -368,7 +368,7 @@ class _Study:
         return e.eval
 
     def compress(self, g: dict, original: Entry) -> Entry:
-        from aird.core.compress import COMPRESS_JSONL, CompressConfig, run_compress
+        from aird.core.compress import COMPRESS_JSONL, CompressConfig, run_compress, takes_reference
 
         folder = self.out / g["name"]
         model_dir = folder / "model"
@@ -381,8 +381,7 @@ class _Study:
             lm = self.lm(original.model_path)
             params = dict(g.get("params", {}))
             # a refusal-preserving compressor (wanda-rp, …) protects the study's own original direction
-            if "reference" in getattr(plugins.get("compressor", g["method"]), "params", {}) \
-                    and not params.get("reference"):
+            if takes_reference(g["method"]) and not params.get("reference"):
                 params["reference"] = str(original.folder / "probe")
             cc = CompressConfig(method=g["method"], params=params, seed=self.cfg["seed"],
                                 data_dir=self.data_dir, device=self.device, **self.cfg["calibration"])
