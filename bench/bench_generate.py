@@ -1,7 +1,7 @@
 """Benchmark: greedy generation by engine, side by side on the same prompts, and how far the engines agree.
 
     python bench/bench_generate.py [--model default] [--n 0] [--max-new-tokens 32] [--engines hf vllm vllm:bfloat16]
-                                   [--keep DIR] [--timeout S] [--record FILE]
+                                   [--keep DIR] [--timeout S] [--record FILE] [--python vllm=VENV/bin/python]
     python bench/bench_generate.py --one-at-a-time [--n 32] [--max-new-tokens 64]   # batching vs one prompt at a time
 
 Each engine runs in its own process (so its start-up and peak RAM are its own): the default model, AdvBench's
@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--hf-prefill", action="store_true", help="score refusals by an hf prefill, not the engine's own way")
     ap.add_argument("--keep", type=Path, help="keep (and reuse) each engine's results in this folder")
     ap.add_argument("--timeout", type=float, default=None, help="seconds a worker may run")
+    ap.add_argument("--python", action="append", default=[], metavar="ENGINE=PYTHON",
+                    help="run that engine's worker with another interpreter (e.g. vllm=venv/bin/python, so that "
+                         "hf runs in the project's environment and vLLM in its own, in one comparison)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -135,6 +138,12 @@ def main() -> None:
         return worker(args)
     if args.one_at_a_time:
         return one_at_a_time(args)
+    pythons = {}
+    for item in args.python:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            sys.exit(f"--python takes ENGINE=PYTHON, not {item!r}")
+        pythons[name] = path
     peak = matmul_peak(set_threads())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +153,7 @@ def main() -> None:
             tag = f"{e.replace(':', '-')}-{args.model.replace('/', '_')}-n{args.n}-t{args.max_new_tokens}"
             out = keep / f"{tag}.json"
             if not out.is_file():
-                cmd = [sys.executable, __file__, "--worker", e, "--out", str(out.with_suffix(".part")), "--model",
+                cmd = [pythons.get(e, sys.executable), __file__, "--worker", e, "--out", str(out.with_suffix(".part")), "--model",
                        args.model, "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
                        "--batch-size", str(args.batch_size)] + (["--hf-prefill"] if args.hf_prefill else [])
                 t = time.perf_counter()
@@ -159,7 +168,8 @@ def main() -> None:
         sys.exit("no engine finished")
     base = results[0]
     cmd = (f"`python bench/bench_generate.py --model {args.model} --n {args.n} --max-new-tokens "
-           f"{args.max_new_tokens} --engines {' '.join(args.engines)}`")
+           f"{args.max_new_tokens} --engines {' '.join(args.engines)}"
+           f"{''.join(' --python ' + p for p in args.python)}`")
     for r in results:
         n = len(r["texts"])
         flops = (r["prompt_tokens"] + r["new_tokens"]) * 2 * r["n_params"]
