@@ -206,6 +206,7 @@ def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, register
     v = s["validation"]
     assert v["judge"] == "generate" and 0 < v["original"]["harmful_refusal_rate"] <= 1
     assert v["original"]["harmless_refusal_rate"] < v["original"]["harmful_refusal_rate"]
+    assert s["layer_ranking"] == "selective" and s["config"]["layer_ranking"] == "selective"   # an amplifying edit's auto
     ranked = [(r["layer"], r["matrix"]) for r in s["ranking"]]
     tried = []
     for t in v["trials"]:
@@ -510,14 +511,17 @@ def test_separations_and_gap_ranking_by_hand(study):
     assert rank_gaps([1.0, 3.0, 4.0], [1.0, 1.5, 2.0])[0]["layer"] == 1      # 1.5 lost in block 1, 0.5 in block 2
 
 
-def test_repair_at_the_blocks_where_compression_lost_separation(study, tmp_path):
-    """--layer gap searches the blocks below the source that added the most deficit, records every block's
-    separations, and edits one of them; a layer choice it does not know is refused before any model work."""
+@pytest.mark.parametrize("layer", ["gap", "auto"])
+def test_repair_at_the_blocks_where_compression_lost_separation(study, tmp_path, layer):
+    """--layer gap (and auto, for a fitting method) searches the blocks below the source that added the most
+    deficit, records every block's separations, and edits one of them; a layer choice it does not know is refused
+    before any model work."""
     root, data = study
     lm = load_model(str(root / "pruned"), device="cpu")
-    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer="gap", candidates=2, matrix="both",
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer=layer, candidates=2, matrix="both",
                                                          alpha=1.0, judge="score", check_on=[], data_dir=str(data)),
                    tmp_path / "gap")
+    assert s["layer_ranking"] == "gap" and s["config"].get("layer_ranking") == ("gap" if layer == "auto" else None)
     gaps = s["gaps"]
     assert [g["layer"] for g in gaps] == list(range(len(gaps))) and len(gaps) <= max(1, s["source_layer"])
     best = sorted(gaps, key=lambda g: -g["added_deficit"])[:2]

@@ -14,7 +14,7 @@ from rich.markup import escape
 from aird import __version__
 from aird.cli.render import (RichReporter, console, emit, read_ref_from_stdin, render_compress, render_diff,
                              render_eval, render_paired, render_probe, render_repair, render_study, table, wants_json)
-from aird.core.configs import BENIGN_SETS, HARMFUL_SETS, CompressConfig, EvalConfig, ProbeConfig, RepairConfig
+from aird.core.configs import BENIGN_SETS, HARMFUL_SETS, CompressConfig, EvalConfig, LAYER_CHOICES, ProbeConfig, RepairConfig
 from aird.core.errors import AirdError
 from aird.core.reliability import check_writable_folder
 
@@ -417,15 +417,17 @@ def repair_cmd(
     method: str = typer.Option(RepairConfig.method, help="Repair plugin: aird (dense rank-one), aird-sparse (keeps sparsity), "
                                             "aird-ridge or aird-ridge-sparse (fitted to the original's projections), "
                                             "aird-grid or aird-ridge-grid (quantized models: stays on their grid)."),
-    layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), auto "
-                                              "(the matrices that write r̂ most selectively on harmful prompts) or "
-                                              "gap (the blocks where compression took away most of the harmful-minus-"
-                                              "harmless separation along r̂; loads the original model)."),
-    matrix: str = typer.Option(RepairConfig.matrix, help="attn (o_proj), mlp (down_proj) or both (with --layer auto: either)."),
+    layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), "
+                                              "selective (the matrices that write r̂ most selectively on harmful "
+                                              "prompts), gap (the blocks where compression took away most of the "
+                                              "harmful-minus-harmless separation along r̂; loads the original model) "
+                                              "or auto (the method's own: selective for aird and aird-sparse, gap "
+                                              "for the ridge methods)."),
+    matrix: str = typer.Option(RepairConfig.matrix, help="attn (o_proj), mlp (down_proj) or both (with --layer selective: either)."),
     alpha: str = typer.Option(RepairConfig.alpha, help="Edit strength, or auto (smallest that restores the refusal rate)."),
     judge: str = typer.Option(RepairConfig.judge, help="How α auto judges refusal: generate (greedy answers and the scorer, "
                                                "as eval does) or score (first-token refusal score > 0; cheaper)."),
-    candidates: int = typer.Option(RepairConfig.candidates, help="With --layer auto or gap: how many of the best-ranked matrices (auto) or blocks (gap) to search."),
+    candidates: int = typer.Option(RepairConfig.candidates, help="With --layer selective, gap or auto: how many of the best-ranked matrices (selective) or blocks (gap) to search."),
     refine: int = typer.Option(RepairConfig.refine, help="--alpha auto with the generate judge: bisections between the last two grid "
                                "values (each costs one validation run)."),
     max_new_tokens: int = typer.Option(RepairConfig.max_new_tokens, help="Answer length of the generate judge."),
@@ -468,7 +470,7 @@ def repair_cmd(
         spec = from_stdin(compressed)
         get("repair", method)
         set_threads(threads)
-        lay = None if layer == "default" else (layer if layer in ("auto", "gap") else _int(layer, "--layer"))
+        lay = None if layer == "default" else (layer if layer in LAYER_CHOICES else _int(layer, "--layer"))
         cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, guard_from=guard_from, judge=judge,
                            candidates=candidates, refine=refine, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,

@@ -85,12 +85,13 @@ class CompressConfig:
 
 
 FIT_POSITIONS = ("all", "post")
+LAYER_CHOICES = ("auto", "selective", "gap")   # auto: the repair method's own (its layer_ranking), else selective
 
 
 @dataclass
 class RepairConfig:
     method: str = "aird"
-    layer: int | str | None = None      # None: source − 1; int; "auto" (selective writers); "gap" (where compression lost separation)
+    layer: int | str | None = None      # None: source − 1; int; "selective" (selective writers); "gap" (where compression lost separation); "auto" (the method's own)
     matrix: str = "both"                 # attn | mlp | both
     alpha: float | str = "auto"
     guard: float = 0.02                  # harmless refusal rate may rise at most this much
@@ -139,8 +140,8 @@ class RepairConfig:
             raise AirdError(f"--fit-positions must be {' or '.join(FIT_POSITIONS)}, not {self.fit_positions!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):
             raise AirdError(f"--ridge must be a positive number, not {self.ridge!r}.")
-        if isinstance(self.layer, str) and self.layer not in ("auto", "gap"):
-            raise AirdError(f"--layer must be a number, default, auto or gap, not {self.layer!r}.")
+        if isinstance(self.layer, str) and self.layer not in LAYER_CHOICES:
+            raise AirdError(f"--layer must be a number, default, {', '.join(LAYER_CHOICES)}, not {self.layer!r}.")
         if isinstance(self.layer, int) and self.layer < 0:
             raise AirdError(f"--layer must be at least 0, not {self.layer}.")
 

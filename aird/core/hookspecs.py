@@ -85,7 +85,8 @@ class Repair(Protocol):
     description: str
     # Optional: ``fits = True`` makes aird fit the edit to the data first (aird.core.repair.fit_rank_one) and call
     # ``edit(weight, unit, alpha, fit=u)`` with the fitted vector u for that matrix; ``alpha_grid`` (a tuple)
-    # replaces the α grid that --alpha auto searches.
+    # replaces the α grid that --alpha auto searches; ``layer_ranking`` ("selective" or "gap") is how --layer auto
+    # chooses the layer for this method (default "selective": the matrices that already write r̂ most selectively).
 
     def edit(self, weight: Any, unit: Any, alpha: float) -> Any: ...
 

@@ -4,7 +4,7 @@ of one residual-writing matrix of one layer.
 Three choices, each explicit and recorded:
 - the layer whose matrices are edited: by default the one just below the source layer of the chosen direction
   (the compressed model's, when its probe is given, else the original's), so that the edit lands in the
-  residual stream where the direction is read; ``auto`` ranks every (layer, matrix) by how selectively the
+  residual stream where the direction is read; ``selective`` ranks every (layer, matrix) by how selectively the
   matrix already writes along r̂ — the mean projection of its output on r̂ at the post-instruction positions,
   harmful against harmless training prompts — and searches the best ones. The edit multiplies that projection
   by (1 + α), so a matrix that writes +r̂ on harmful prompts and −r̂ (or nothing) on harmless ones raises
@@ -13,8 +13,9 @@ Three choices, each explicit and recorded:
   blocks below the source by how much of the harmful-minus-harmless separation along r̂ each one lost under
   compression (the compressed model's deficit after the block minus its deficit before it), so that a fitting
   method is fitted where the compressed model departs from the original rather than where a matrix already
-  writes r̂ (on SparseGPT 50% of the default model the two disagree: docs/generalization.md);
-- the matrix: attention out (o_proj), MLP down (down_proj), or both (with ``auto``: either);
+  writes r̂ (on SparseGPT 50% of the default model the two disagree: docs/generalization.md); ``auto`` is the
+  method's own choice (its ``layer_ranking``): selective for the amplifying edits, gap for the fitted ones;
+- the matrix: attention out (o_proj), MLP down (down_proj), or both (with ``selective``: either);
 - α: given, or ``auto``: the smallest α on a grid (refined by bisection between the last two grid values with
   the generate judge) that brings the harmful-validation refusal rate back to the original model's while the
   harmless-validation refusal rate stays within 2 points of it (or of the compressed model's own rate, when
@@ -469,7 +470,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     src = ref.summary["source"]["layer"]
     if cfg.compressed_probe:
         src = open_probe(Path(cfg.compressed_probe)).summary["source"]["layer"]
-    if cfg.layer not in (None, "auto", "gap"):
+    ranking_by = getattr(repair, "layer_ranking", "selective") if cfg.layer == "auto" else cfg.layer
+    if cfg.layer not in (None, "auto", "selective", "gap"):
         layer = int(cfg.layer)
         if not 0 <= layer < n_layers:
             raise AirdError(f"--layer must be in [0, {n_layers - 1}], got {layer}.")
@@ -483,7 +485,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
 
     out = Path(out)
     jsonl = out / REPAIR_JSONL
-    config = {"model_path": lm.path, "model_fingerprint": lm.info.get("fingerprint"), "reference": str(ref.path), **asdict(cfg), "alphas": alphas}
+    config = {"model_path": lm.path, "model_fingerprint": lm.info.get("fingerprint"), "reference": str(ref.path), **asdict(cfg), "alphas": alphas,
+              **({"layer_ranking": ranking_by} if cfg.layer == "auto" else {})}
     done = finished_model_folder(out, REPAIR_JSONL, "repair.summary", config, force, ignore=NON_SEMANTIC)
     if done is not None:
         return {**done, "resumed": True}
@@ -507,14 +510,14 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     check = (_Check(list(cfg.check_on), cfg.check_limit, seen, tuned_origins, cfg.data_dir, pcfg.seed)
              if cfg.check_on and cfg.check_limit > 0 else None)
     ranking = gaps = None
-    if cfg.layer == "auto":
+    if ranking_by == "selective":
         with sw("ranking"), rep.stage("ranking the residual-writing matrices by selectivity", 1) as advance:
             ranking = rank_writers(lm, format_prompts(lm, sets.harmful_train, pcfg.system_prompt),
                                    format_prompts(lm, sets.harmless_train, pcfg.system_prompt), unit, which,
                                    cfg.batch_size, max_layer=max(src, ref.summary["source"]["layer"]))
             advance(1)
         candidates = [(r["layer"], [r["matrix"]]) for r in ranking[: cfg.candidates]]
-    elif cfg.layer == "gap":
+    elif ranking_by == "gap":
         candidates = None           # decided beside the original model, below
         lm.adapter.layers(lm.model)  # an unsupported family fails before the original model loads
     elif cfg.layer is None:
@@ -633,10 +636,11 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
               for name, m in lay_a["matrices"].items() if name.endswith(("o_proj", "down_proj"))}
     keys = ("harmful_refusal_rate", "harmless_refusal_rate", "harmful_refusal_score", "harmless_refusal_score")
     summary = run.record(
-        "repair.summary", method=repair.name, layer=best["layer"], matrix=best["matrix"] if cfg.layer in ("auto", "gap")
+        "repair.summary", method=repair.name, layer=best["layer"], matrix=best["matrix"] if ranking_by in ("selective", "gap")
         else cfg.matrix, alpha=best["alpha"], source_layer=src, reference_source=ref.summary["source"],
         layer_sparsity={"before": lay_b["sparsity"], "after": lay_a["sparsity"], "matrices": edited},
         sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
+        layer_ranking=ranking_by if ranking_by in ("selective", "gap") else None,
         ranking=ranking[:10] if ranking else None,
         gaps=sorted(gaps, key=lambda r: r["layer"]) if gaps else None,
         fit={k: v for k, v in best_fit.items() if k not in ("u", "parts")} if best_fit else None,

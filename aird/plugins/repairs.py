@@ -66,6 +66,7 @@ class RidgeRankOne:
     description = "rank-one update r̂ uᵀ fitted by ridge regression to the original model's projections (dense)"
     fits = True
     alpha_grid = (0.5, 1.0, 2.0, 4.0, 8.0)
+    layer_ranking = "gap"      # a fit puts back a difference: it belongs where compression made it
 
     def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
         return (weight.double() + alpha * torch.outer(unit.double(), fit.double())).to(weight.dtype)
@@ -76,6 +77,7 @@ class SparseRidgeRankOne:
     description = "the ridge-fitted change of projection on r̂, restricted to the matrix's non-zeros"
     fits = True
     alpha_grid = (0.5, 1.0, 2.0, 4.0, 8.0)
+    layer_ranking = "gap"
 
     def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
         return _restricted(weight, unit, alpha * fit)
