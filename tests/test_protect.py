@@ -139,3 +139,32 @@ def test_cli_protect_refusal_errors_are_one_sentence_before_the_model_loads(prob
     res = CliRunner().invoke(app, ["compress", "--model", str(tmp_path / "no-model"), *args, "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert message in " ".join(res.output.split()), res.output
+
+
+def test_saliency_reports_progress_to_the_running_command(probed):
+    """The saliency takes minutes on a real model: it advances one step per batch on the reporter of the command
+    running it (compress sets it around the plugin), and reports to no one outside a command."""
+    from aird.core.progress import Reporter, current, reporting
+
+    class Recorder(Reporter):
+        def __init__(self):
+            self.stages = []
+
+        from contextlib import contextmanager
+
+        @contextmanager
+        def stage(self, description, total):
+            row = [description, total, 0]
+            self.stages.append(row)
+            yield lambda n=1, description=None: row.__setitem__(2, row[2] + n)
+
+    model_dir, data, probe = probed
+    lm = load_model(str(model_dir), device="cpu")
+    rec = Recorder()
+    with reporting(rec):
+        assert current() is rec
+        sal = refusal_saliency(lm, probe, n_prompts=8, probes=0, batch_size=3, data_dir=str(data))
+    assert type(current()) is Reporter
+    (desc, total, done), = rec.stages
+    h, b = sal["prompts"]
+    assert desc.startswith("refusal saliency") and total == done == -(-h // 3) - (-b // 3)

@@ -25,7 +25,7 @@ from aird.core.errors import AirdError
 from aird.core.loading import LoadedModel, save_model_folder
 from aird.core.measure import LazyTensors, decoder_linear_weights, summarize
 from aird.core.configs import CompressConfig  # noqa: F401  (re-exported)
-from aird.core.progress import Reporter
+from aird.core.progress import Reporter, reporting
 from aird.core.reliability import clean_stale_scratch, scratch_prefix
 
 COMPRESS_JSONL = "compress.jsonl"
@@ -245,7 +245,7 @@ def _compress_and_save(lm, cfg, plugin, params, fmt, config, out, rep, linear, s
     with sw("calibration_data"):
         calib = calibration_set(lm, cfg) if getattr(plugin, "needs_calibration", True) else None
     t = time.perf_counter()
-    with sw("compress"), rep.stage(f"compressing with {plugin.name}", 1) as advance:
+    with sw("compress"), rep.stage(f"compressing with {plugin.name}", 1) as advance, reporting(rep):
         info = plugin.compress(lm, params, calib) or {}
         advance(1)
     seconds = time.perf_counter() - t

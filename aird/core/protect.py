@@ -30,6 +30,7 @@ from aird.core.errors import AirdError
 from aird.core.forward import make_batches
 from aird.core.hooks import forward_until, stop_before
 from aird.core.loading import LoadedModel
+from aird.core.progress import current
 
 
 def _setup(lm: LoadedModel, reference, n_prompts: int, data_dir: str | None):
@@ -106,8 +107,9 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
     # per weight matrix, the gradient of uᵀd for every probe u, stacked: [probes + 1, *weight.shape]
     grads = {m: torch.zeros((len(us), *m.weight.shape), dtype=torch.float32, device=m.weight.device) for m in mods}
     d = torch.zeros_like(r)
+    n_batches = sum(-(-len(t) // batch_size) for t in (harmful, harmless))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), current().stage(f"refusal saliency of {len(mods)} matrices", n_batches) as advance:
             U = torch.stack(us)
             weights = [m.weight for m in mods]
             for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
@@ -117,6 +119,7 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
                 gs = torch.autograd.grad(part, weights, grad_outputs=U, is_grads_batched=True)
                 for m, gm in zip(mods, gs):
                     grads[m] += gm.float()
+                advance(1)
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
