@@ -123,7 +123,7 @@ def test_repair_restores_refusal_and_records_sparsity(study, tmp_path, method):
 def test_repair_fixed_choices_and_bad_input(study, tmp_path):
     root, data = study
     lm = load_model(str(root / "pruned"), device="cpu")
-    s = run_repair(lm, root / "probe-orig", RepairConfig(layer=1, matrix="mlp", alpha=2.0, data_dir=str(data), judge="score"),
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird", layer=1, matrix="mlp", alpha=2.0, data_dir=str(data), judge="score"),
                    tmp_path / "fixed")
     assert (s["layer"], s["matrix"], s["alpha"]) == (1, "mlp", 2.0)
     assert len(s["validation"]["trials"]) == 1
@@ -153,7 +153,7 @@ def test_alpha_choice_never_takes_an_over_refusing_edit(study, tmp_path, monkeyp
 
     rates.calls = 0
     monkeypatch.setattr(rmod._Evaluator, "rates", rates)
-    s = run_repair(lm, root / "probe-orig", RepairConfig(data_dir=str(data), judge="score"), tmp_path / "g")
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird", data_dir=str(data), judge="score"), tmp_path / "g")
     assert s["validation"]["target_reached"] is False
     assert s["alpha"] == min(rmod.ALPHA_GRID)
 
@@ -363,7 +363,7 @@ def test_ridge_fit_on_post_instruction_tokens_reads_only_those_rows(study, tmp_p
 def test_repair_check_on_prompts_the_tuning_never_saw(study, tmp_path):
     root, data = study
     lm = load_model(str(root / "pruned"), device="cpu")
-    cfg = RepairConfig(layer=1, matrix="attn", alpha=2.0, judge="score", data_dir=str(data), max_new_tokens=3,
+    cfg = RepairConfig(method="aird", layer=1, matrix="attn", alpha=2.0, judge="score", data_dir=str(data), max_new_tokens=3,
                        check_on=["jailbreakbench", "xstest_safe"], check_limit=6)
     s = run_repair(lm, root / "probe-orig", cfg, tmp_path / "chk")
     c = s["check"]["sets"]

@@ -163,7 +163,7 @@ def test_config_errors():
                                                 "rtn-int8", "rtn-int4", "gptq-int4", "w8a8"]
     assert std["eval"]["limit"] is None and std["eval"]["alpaca_n"] == 200 and std["eval"]["task_limit"] == 250
     assert set(std["eval"]["jailbreaks"]) == {"jbb_gcg", "jbb_pair", "jbb_aim"}
-    assert std["repair"]["methods"] == ["aird", "aird-sparse"]
+    assert std["repair"]["methods"] == ["aird-ridge", "aird-ridge-sparse"]
     r = CliRunner().invoke(app, ["study", "--quick", "--profile", "standard"])
     assert r.exit_code == 2 and "disagree" in r.output
 

@@ -413,10 +413,11 @@ def diff_cmd(
 def repair_cmd(
     compressed: str = typer.Argument(..., help="The compressed model folder (or - to read it from stdin)."),
     reference: Path = typer.Option(..., "--reference", "-r", help="Probe folder of the ORIGINAL model."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: COMPRESSED-aird]."),
-    method: str = typer.Option(RepairConfig.method, help="Repair plugin: aird (dense rank-one), aird-sparse (keeps sparsity), "
-                                            "aird-ridge or aird-ridge-sparse (fitted to the original's projections), "
-                                            "aird-grid or aird-ridge-grid (quantized models: stays on their grid)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output model folder [default: COMPRESSED-METHOD]."),
+    method: str = typer.Option(RepairConfig.method, help="Repair plugin: aird-ridge (fitted to the original's projections; dense) "
+                                            "or aird-ridge-sparse (keeps sparsity), aird (the paper's edit: amplifies what "
+                                            "the matrix writes along r̂) or aird-sparse, aird-grid or aird-ridge-grid "
+                                            "(quantized models: stays on their grid)."),
     layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), "
                                               "selective (the matrices that write r̂ most selectively on harmful "
                                               "prompts), gap (the blocks where compression took away most of the "

@@ -90,7 +90,7 @@ LAYER_CHOICES = ("auto", "selective", "gap")   # auto: the repair method's own (
 
 @dataclass
 class RepairConfig:
-    method: str = "aird"
+    method: str = "aird-ridge"          # the repair that held on held-out sources (docs/generalization.md)
     layer: int | str | None = None      # None: source − 1; int; "selective" (selective writers); "gap" (where compression lost separation); "auto" (the method's own)
     matrix: str = "both"                 # attn | mlp | both
     alpha: float | str = "auto"
