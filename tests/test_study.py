@@ -29,7 +29,7 @@ top_k = 2
 max_scored = 6
 batch_size = 16
 [repair]
-methods = ["aird-sparse"]
+methods = ["aird-ridge-sparse"]
 when = "{when}"
 [eval]
 harmful = ["harmful_val"]
@@ -67,19 +67,23 @@ def finished(refusing, tmp_path_factory):
 def test_study_runs_every_step_and_writes_the_report(finished):
     res, cfg, tmp, _ = finished
     names = [e.name for e in res.entries]
-    assert names == ["original", "mag-50", "rtn-8", "mag-50-aird-sparse", "rtn-8-aird-sparse"]
+    assert names == ["original", "mag-50", "rtn-8", "mag-50-aird-ridge-sparse", "rtn-8-aird-ridge-sparse"]
     steps = [s["step"] for s in res.steps]
     assert steps[:2] == ["probe original", "eval original"]
     for n in ("mag-50", "rtn-8"):
         for kind in ("compress", "probe", "diff", "eval"):
             assert f"{kind} {n}" in steps
         for kind in ("repair", "probe", "diff", "eval"):
-            assert f"{kind} {n}-aird-sparse" in steps
+            assert f"{kind} {n}-aird-ridge-sparse" in steps
     assert all(s["seconds"] >= 0 and not s["resumed"] for s in res.steps)
     by = {e.name: e for e in res.entries}
     assert by["mag-50"].compress["sparsity"] == pytest.approx(0.5, abs=0.01)
     # the sparsity-preserving repair keeps the pruned model's sparsity
-    assert by["mag-50-aird-sparse"].repair["sparsity"]["after"] == by["mag-50"].compress["sparsity"]
+    assert by["mag-50-aird-ridge-sparse"].repair["sparsity"]["after"] == by["mag-50"].compress["sparsity"]
+    # the quick profile's layer auto is, for a fitted repair, the block where compression lost most separation
+    rr = by["mag-50-aird-ridge-sparse"].repair
+    assert rr["layer_ranking"] == "gap" and rr["fit"]["rows"] > 0
+    assert rr["layer"] == max(rr["gaps"], key=lambda g: g["added_deficit"])["layer"]
     for e in res.entries:
         assert e.probe and e.eval and e.eval["zero_shot"]["arc_easy"]["n"] == 4
         assert (e.folder / "probe" / "probe.jsonl").is_file()
@@ -105,10 +109,10 @@ def test_every_model_gets_a_safety_card(finished):
     res, cfg, tmp, _ = finished
     by = {e.name: e for e in res.entries}
     cards = {e.name: json.loads((e.folder / "card.json").read_text()) for e in res.entries}
-    rep = cards["mag-50-aird-sparse"]
+    rep = cards["mag-50-aird-ridge-sparse"]
     assert rep["schema"] == 1 and rep["parent"] == "mag-50" and rep["judge"] == "substring"
-    assert rep["made"]["method"] == "aird-sparse" and rep["made"]["alpha"] == by["mag-50-aird-sparse"].repair["alpha"]
-    files = sorted(by["mag-50-aird-sparse"].folder.glob("model/*.safetensors"))
+    assert rep["made"]["method"] == "aird-ridge-sparse" and rep["made"]["alpha"] == by["mag-50-aird-ridge-sparse"].repair["alpha"]
+    files = sorted(by["mag-50-aird-ridge-sparse"].folder.glob("model/*.safetensors"))
     assert rep["weights_sha256"] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     assert rep["parent_weights_sha256"] == cards["mag-50"]["weights_sha256"] != rep["weights_sha256"]
     assert cards["mag-50"]["parent"] == "original" and cards["mag-50"]["vs_original"] is None
@@ -118,7 +122,7 @@ def test_every_model_gets_a_safety_card(finished):
         return {(r["set"], r["index"]): r["refused"] for r in read_jsonl(by[name].eval_dir / "eval.jsonl")
                 if r["record"] == "eval.prompt"}
 
-    a, b = answers("mag-50"), answers("mag-50-aird-sparse")
+    a, b = answers("mag-50"), answers("mag-50-aird-ridge-sparse")
     r = rep["vs_parent"]["rates"]["harmful_val"]
     keys = [k for k in b if k[0] == "harmful_val"]
     assert r["n"] == len(keys) and r["metric"] == "asr"
