@@ -48,7 +48,7 @@ from aird.core.forward import make_batches, run_model
 from aird.core.loading import LoadedModel, save_model_folder
 from aird.core.measure import decoder_linear_weights, summarize
 from aird.core.probe import format_prompts, config_from_record, load_prompt_sets
-from aird.core.configs import CHECK_SETS, JUDGES, RepairConfig  # noqa: F401  (re-exported)
+from aird.core.configs import CHECK_SETS, JUDGES, LAYER_CHOICES, RepairConfig  # noqa: F401  (re-exported)
 from aird.core.progress import Reporter
 from aird.core.qgrid import on_grid
 
@@ -471,7 +471,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     if cfg.compressed_probe:
         src = open_probe(Path(cfg.compressed_probe)).summary["source"]["layer"]
     ranking_by = getattr(repair, "layer_ranking", "selective") if cfg.layer == "auto" else cfg.layer
-    if cfg.layer not in (None, "auto", "selective", "gap"):
+    if cfg.layer is not None and cfg.layer not in LAYER_CHOICES:
         layer = int(cfg.layer)
         if not 0 <= layer < n_layers:
             raise AirdError(f"--layer must be in [0, {n_layers - 1}], got {layer}.")
