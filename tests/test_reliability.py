@@ -74,6 +74,7 @@ MISSING = "no/such/model-anywhere"   # were a model loaded first, the error woul
     (["repair", MISSING, "-r", "x", "--alpha", "inf"], "--alpha"),
     (["repair", MISSING, "-r", "x", "--alpha", "nan"], "--alpha"),
     (["repair", MISSING, "-r", "x", "--candidates", "0"], "--candidates"),
+    (["repair", MISSING, "-r", "x", "--layer", "best"], "--layer must be a whole number, default, auto, selective, gap"),
     (["probe", "-m", MISSING, "--n-train", "1"], "--n-train"),
 ])
 def test_bad_options_fail_before_the_model_loads(args, msg):

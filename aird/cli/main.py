@@ -494,7 +494,7 @@ def _int(value: str, option: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise AirdError(f"{option} must be a whole number, auto or default, not {value!r}.") from None
+        raise AirdError(f"{option} must be a whole number, default, {', '.join(LAYER_CHOICES)}, not {value!r}.") from None
 
 
 # ---- eval -------------------------------------------------------------------------------------------------
