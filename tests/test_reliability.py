@@ -312,6 +312,25 @@ def test_sigterm_while_the_cli_is_still_importing_exits_143(tmp_path):
     assert r.returncode == 143, (r.returncode, r.stderr)
 
 
+def test_sigterm_after_the_command_ended_leaves_its_exit_code(tmp_path):
+    """A SIGTERM that arrives once the command has ended (its exit code decided, the interpreter tearing down)
+    is ignored: the process exits with the command's code, not 143 and not by signal (-15)."""
+    script = tmp_path / "end.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "sys.argv = ['aird', 'plugins']\n"
+        "from aird.cli.entry import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.5)\n"
+        "sys.exit(7)\n")
+    r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 7, (r.returncode, r.stderr)
+
+
 def _eval_cmd(model, data, out):
     return ["eval", "-m", model, "-o", out, "--harmful", "harmful_val", "--benign", "harmless_val", "--seen", "none",
             "--limit", "12", "--max-new-tokens", "6", "--batch-size", "2", "--data-dir", data, "--device", "cpu",

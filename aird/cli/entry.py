@@ -15,4 +15,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminated_while_starting)
     from aird.cli.main import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        # the command has ended, its writes finished or unwound, its exit code decided: a SIGTERM during the
+        # interpreter's teardown (torch's takes a moment), after Python has put back the default handler, would
+        # kill the process by signal (-15) instead of letting it exit with that code. CPython leaves an ignored
+        # signal ignored through its teardown.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
