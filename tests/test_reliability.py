@@ -292,11 +292,17 @@ def _kill_at(cmd: list, delay: float, sig: int) -> int:
     return proc.returncode
 
 
+def _run_script(path, text: str, timeout: float):
+    """A Python script of ``text`` written to ``path`` and run with the tests' environment: its finished process."""
+    path.write_text(text)
+    return subprocess.run([sys.executable, str(path)], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
 def test_sigterm_while_the_cli_is_still_importing_exits_143(tmp_path):
     """A SIGTERM during start-up (torch and transformers take seconds to import) ends like one during a command:
     exit 143, not death by signal (-15). The signal is sent at the moment the entry point imports the CLI."""
-    script = tmp_path / "start.py"
-    script.write_text(
+    r = _run_script(
+        tmp_path / "start.py",
         "import builtins, os, signal, sys, time\n"
         "real = builtins.__import__\n"
         "def slow_import(name, *a, **k):\n"
@@ -307,16 +313,15 @@ def test_sigterm_while_the_cli_is_still_importing_exits_143(tmp_path):
         "builtins.__import__ = slow_import\n"
         "sys.argv = ['aird', 'plugins']\n"
         "from aird.cli.entry import main\n"
-        "main()\n")
-    r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=60)
+        "main()\n", timeout=60)
     assert r.returncode == 143, (r.returncode, r.stderr)
 
 
 def test_sigterm_after_the_command_ended_leaves_its_exit_code(tmp_path):
     """A SIGTERM that arrives once the command has ended (its exit code decided, the interpreter tearing down)
     is ignored: the process exits with the command's code, not 143 and not by signal (-15)."""
-    script = tmp_path / "end.py"
-    script.write_text(
+    r = _run_script(
+        tmp_path / "end.py",
         "import os, signal, sys, time\n"
         "sys.argv = ['aird', 'plugins']\n"
         "from aird.cli.entry import main\n"
@@ -326,8 +331,7 @@ def test_sigterm_after_the_command_ended_leaves_its_exit_code(tmp_path):
         "    pass\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(0.5)\n"
-        "sys.exit(7)\n")
-    r = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
+        "sys.exit(7)\n", timeout=120)
     assert r.returncode == 7, (r.returncode, r.stderr)
 
 
