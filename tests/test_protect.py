@@ -1,4 +1,5 @@
-"""Refusal-preserving compression (aird/core/protect.py, the wanda-rp plugin) on the tiny refusing model."""
+"""Refusal-preserving compression (aird/core/protect.py, the wanda-rp and sparsegpt-rp plugins) on the tiny refusing
+model."""
 
 import pytest
 import torch
@@ -79,12 +80,14 @@ def _d(model_dir, probe, data, folder=None):
     return refusal_difference(lm, probe, n_prompts=32, data_dir=str(data))
 
 
+@pytest.mark.parametrize("plain", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_protected_wanda_moves_the_direction_less_at_exactly_the_same_sparsity(probed, tmp_path, pattern):
+def test_protected_pruning_moves_the_direction_less_at_exactly_the_same_sparsity(probed, tmp_path, pattern, plain):
     model_dir, data, probe = probed
     params = {"pattern": pattern} if pattern else {"sparsity": 0.5}
     out = {}
-    for method, extra in (("wanda", {}), ("wanda-rp", {"reference": str(probe), "protect": 4.0})):
+    rp = plain + "-rp"
+    for method, extra in ((plain, {}), (rp, {"reference": str(probe), "protect": 4.0})):
         lm = load_model(str(model_dir), device="cpu")
         cfg = CompressConfig(method=method, params={**params, **extra}, data_dir=str(data), calib_samples=16,
                              calib_seq_len=64)
@@ -93,22 +96,77 @@ def test_protected_wanda_moves_the_direction_less_at_exactly_the_same_sparsity(p
         if pattern:
             assert s["nm_compliant"] is True
         assert s["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    prot = out["wanda-rp"]
+    prot = out[rp]
     assert prot["info"]["protect"]["matrices"] > 0 and prot["info"]["protect"]["strength"] == 4.0
-    # exactly the same number of zeros in every written matrix
-    w0 = decoder_linear_weights(load_file(str(tmp_path / "wanda" / "model.safetensors")))
-    w1 = decoder_linear_weights(load_file(str(tmp_path / "wanda-rp" / "model.safetensors")))
+    w0 = decoder_linear_weights(load_file(str(tmp_path / plain / "model.safetensors")))
+    w1 = decoder_linear_weights(load_file(str(tmp_path / rp / "model.safetensors")))
     for k in w0:
-        assert int((w0[k] == 0).sum()) == int((w1[k] == 0).sum()), k
+        z0, z1 = int((w0[k] == 0).sum()), int((w1[k] == 0).sum())
+        if pattern or plain == "wanda":
+            assert z0 == z1, k           # exactly the same number of zeros in every written matrix
+        else:
+            # llm-compressor's SparseGPT prunes one weight more per block of 128 columns than ⌊sparsity · block⌋
+            # (its threshold is inclusive); the protected copy prunes exactly ⌊sparsity · block⌋ (matrices below
+            # the source layer; the others are SparseGPT's own)
+            rows, cols = w1[k].shape
+            blocks = -(-cols // 128)
+            assert z0 - blocks <= z1 <= z0, k
     d0 = _d(model_dir, probe, data)
-    d_plain = _d(model_dir, probe, data, tmp_path / "wanda")
-    d_prot = _d(model_dir, probe, data, tmp_path / "wanda-rp")
+    d_plain = _d(model_dir, probe, data, tmp_path / plain)
+    d_prot = _d(model_dir, probe, data, tmp_path / rp)
     assert (d_prot - d0).norm() < (d_plain - d0).norm()
-    assert float(cosine(d_prot, d0)) >= float(cosine(d_plain, d0))
+    # (SparseGPT's reconstruction keeps the tiny model's direction at cosine 0.9999 already: no room to compare)
+    assert float(cosine(d_prot, d0)) >= float(cosine(d_plain, d0)) - 1e-4
+
+
+def _hessian(cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=g)
+    return 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_copy_without_protection_is_llm_compressors(nm):
+    """With strength 0 the protected loop is SparseGPT itself: for N:M exactly llm-compressor's weights; unstructured,
+    one block of columns, the same pruned set but for the one weight llm-compressor's inclusive threshold adds."""
+    pytest.importorskip("llmcompressor")
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+
+    from aird.plugins.compressors import sparsegpt_protected
+
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(128, 12, bias=False)
+    lin.weight.data = torch.randn(12, 128, generator=g)
+    H = _hessian(128, 2)
+    n, m = nm or (0, 0)
+    loss0, ref = sparsify_weight(lin, {lin: H.clone()}, 0.5, n, m, 128, 0.01, False)
+    loss1, ours = sparsegpt_protected(lin.weight.data, H, torch.rand(12, 128, generator=g), 0.0, 0.5, n, m, 128, 0.01)
+    if nm:
+        assert torch.allclose(ours, ref, atol=1e-5) and loss1 == pytest.approx(loss0, rel=1e-5)
+        assert all(int((row.view(-1, 4) == 0).sum(1).min()) == 2 for row in ours)
+    else:
+        z_ours, z_ref = ours == 0, ref == 0
+        assert int(z_ours.sum()) == 12 * 128 // 2 and int(z_ref.sum()) == 12 * 128 // 2 + 1
+        assert bool((z_ref | ~z_ours).all())                        # every weight we pruned, it pruned too
+
+
+def test_sparsegpt_protection_keeps_the_salient_weights_at_the_same_sparsity():
+    from aird.plugins.compressors import sparsegpt_protected
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(16, 256, generator=g)
+    H = _hessian(256, 4)
+    sal = torch.zeros_like(W)
+    sal[:, :8] = W[:, :8].abs() * 100          # the first 8 columns carry the refusal direction
+    _, plain = sparsegpt_protected(W, H, sal, 0.0, 0.5, 0, 0)
+    _, prot = sparsegpt_protected(W, H, sal, 1.0, 0.5, 0, 0)
+    assert int((prot == 0).sum()) == int((plain == 0).sum()) == W.numel() // 2
+    assert int((plain[:, :8] == 0).sum()) > 0 and int((prot[:, :8] == 0).sum()) == 0
 
 
 def test_protect_refusal_names_the_variant_or_says_there_is_none():
     assert protected_method("wanda") == "wanda-rp"
+    assert protected_method("sparsegpt") == "sparsegpt-rp"
     assert protected_method("wanda-rp") == "wanda-rp"
     with pytest.raises(AirdError, match="no refusal-preserving variant.*wanda"):
         protected_method("rtn")

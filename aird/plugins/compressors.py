@@ -166,17 +166,24 @@ class Wanda(_LLMCPruner):
     modifier = "WandaPruningModifier"
 
 
-class WandaRP(Wanda):
-    """Wanda whose pruning score also counts each weight's refusal saliency (aird/core/protect.py): within a
-    matrix, |w|·‖x‖ / mean + protect · R / mean, so the weights whose removal would move the reference
-    probe's refusal direction most are kept, at exactly Wanda's sparsity or N:M pattern (the same per-row
-    comparison groups). The saliency is computed once on the dense model; llm-compressor's own sequential
-    Wanda pipeline does the rest."""
+class SparseGPT(_LLMCPruner):
+    name = "sparsegpt"
+    description = "SparseGPT: second-order pruning with weight reconstruction (llm-compressor)"
+    modifier = "SparseGPTModifier"
 
-    name = "wanda-rp"
-    description = "refusal-preserving Wanda: Wanda's score plus each weight's refusal saliency (--reference PROBE)"
+
+class _RefusalPreserving:
+    """The refusal-preserving variant of a pruner (``<method>-rp``, ``--protect-refusal``): the refusal saliency of
+    every decoder matrix below the reference direction's source layer is computed once on the dense model
+    (aird/core/protect.py), and the method's own pipeline then ranks weights by its score plus ``protect`` times
+    the saliency (each scaled by its mean over the matrix), inside the same comparison groups, so the sparsity
+    and N:M pattern are exactly the method's. A subclass names the context manager that patches its method."""
+
     params = {"sparsity": 0.5, "pattern": None, "reference": None, "protect": 1.0, "protect_prompts": 32,
               "protect_probes": 3}
+
+    def _protected(self, saliency: dict, strength: float):
+        raise NotImplementedError
 
     def compress(self, lm, params, calibration):
         from aird.core.errors import AirdError
@@ -190,13 +197,40 @@ class WandaRP(Wanda):
         sal = refusal_saliency(lm, params["reference"], n_prompts=params["protect_prompts"],
                                probes=params["protect_probes"])
         saliency_s = round(time.perf_counter() - t, 3)
-        with _protected_wanda(sal["saliency"], params["protect"]):
+        with self._protected(sal["saliency"], params["protect"]):
             info = super().compress(lm, params, calibration)
         info.update(protect={"strength": params["protect"], "reference": str(params["reference"]),
                              "source": {"layer": sal["layer"], "position": sal["position"]},
                              "prompts": sal["prompts"], "probes": sal["probes"], "d_norm": sal["d_norm"],
                              "matrices": len(sal["saliency"]), "saliency_seconds": saliency_s})
         return info
+
+
+class WandaRP(_RefusalPreserving, Wanda):
+    """Wanda whose pruning score also counts each weight's refusal saliency: within a matrix, |w|·‖x‖ / mean +
+    protect · R / mean, so the weights whose removal would move the reference probe's refusal direction most are
+    kept; llm-compressor's own sequential Wanda pipeline does the rest."""
+
+    name = "wanda-rp"
+    description = "refusal-preserving Wanda: Wanda's score plus each weight's refusal saliency (--reference PROBE)"
+
+    def _protected(self, saliency, strength):
+        return _protected_wanda(saliency, strength)
+
+
+class SparseGPTRP(_RefusalPreserving, SparseGPT):
+    """SparseGPT whose mask also counts each weight's refusal saliency: where SparseGPT compares w²/[H⁻¹]_jj² within
+    each block of columns (or each row's M columns), this compares |w|/[H⁻¹]_jj / mean + protect · |w|·G / mean,
+    G the saliency per unit weight (R / |w| on the dense matrix), so a weight's protection follows its value as
+    SparseGPT's reconstruction updates it. The reconstruction itself is SparseGPT's (aird's copy of
+    llm-compressor 0.14's ``sparsify_weight``, with the mask chosen from the protected score and exactly
+    ⌊sparsity · block⌋ weights pruned per block)."""
+
+    name = "sparsegpt-rp"
+    description = "refusal-preserving SparseGPT: SparseGPT's score plus each weight's refusal saliency (--reference PROBE)"
+
+    def _protected(self, saliency, strength):
+        return _protected_sparsegpt(saliency, strength)
 
 
 @contextlib.contextmanager
@@ -234,10 +268,90 @@ def _protected_wanda(saliency: dict, strength: float):
         base.sparsify_weight = original
 
 
-class SparseGPT(_LLMCPruner):
-    name = "sparsegpt"
-    description = "SparseGPT: second-order pruning with weight reconstruction (llm-compressor)"
-    modifier = "SparseGPTModifier"
+@contextlib.contextmanager
+def _protected_sparsegpt(saliency: dict, strength: float):
+    """llm-compressor's SparseGPT with the protected mask, for the matrices with a saliency (the others, and any
+    call that asks to preserve an existing mask, keep llm-compressor's own ``sparsify_weight``)."""
+    from llmcompressor.modifiers.pruning.sparsegpt import base
+
+    original = base.sparsify_weight
+
+    def sparsify_weight(module, hessians_dict, sparsity, prune_n, prune_m, block_size, dampening_frac,
+                        preserve_sparsity_mask):
+        if module not in saliency or not isinstance(module, torch.nn.Linear) or preserve_sparsity_mask:
+            return original(module, hessians_dict, sparsity, prune_n, prune_m, block_size, dampening_frac,
+                            preserve_sparsity_mask)
+        H = hessians_dict.pop(module)
+        return sparsegpt_protected(module.weight.data, H, saliency[module], strength, sparsity, prune_n, prune_m,
+                                   block_size, dampening_frac)
+
+    base.sparsify_weight = sparsify_weight
+    try:
+        yield
+    finally:
+        base.sparsify_weight = original
+
+
+def sparsegpt_protected(weight: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, strength: float,
+                        sparsity: float, prune_n: int, prune_m: int, block_size: int = 128,
+                        dampening_frac: float = 0.01) -> tuple[float, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023; the loop of llm-compressor 0.14's ``sgpt_sparsify.sparsify_weight``,
+    Apache-2.0) with the mask chosen by the protected score: (loss, pruned weight). ``prune_n`` of every
+    ``prune_m`` weights of a row are pruned when ``prune_n`` is set, else ⌊sparsity · rows · block⌋ weights of each
+    block of columns. With ``strength`` 0 the mask is SparseGPT's own (up to its ties)."""
+    shape, dtype = weight.shape, weight.dtype
+    W = weight.clone().float()
+    H = H.clone().float()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gain = saliency.to(W.device, torch.float32) / W.abs().clamp_min(1e-12)      # R per unit |w|
+    gain[W == 0] = 0
+    try:
+        diag = torch.arange(cols, device=H.device)
+        H[diag, diag] += dampening_frac * torch.mean(torch.diag(H))
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch._C._LinAlgError:
+        Hinv = torch.eye(cols, dtype=H.dtype, device=H.device)
+    # one normaliser per matrix for each term, from the dense weights, so every block weighs them alike
+    base_mean = (W.abs() / torch.diag(Hinv).reshape(1, -1)).mean().clamp_min(1e-30)
+    sal_mean = saliency.float().mean()
+    protect = strength > 0 and bool(torch.isfinite(sal_mean)) and float(sal_mean) > 0
+
+    def score(w: torch.Tensor, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        s = w.abs() / d.reshape(1, -1) / base_mean      # the square root of SparseGPT's w²/d²: the same order
+        return s + strength * w.abs() * g / sal_mean if protect else s
+
+    losses = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1, Err1, L1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if not prune_n:
+            sc = score(W1, gain[:, i1:i2], d1).flatten()
+            k = int(sc.numel() * sparsity)
+            mask1.view(-1)[torch.sort(sc, stable=True)[1][:k]] = True
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if prune_n and i % prune_m == 0:
+                sc = score(W1[:, i: i + prune_m], gain[:, i1 + i: i1 + i + prune_m], d1[i: i + prune_m])
+                mask1.scatter_(1, i + torch.topk(sc, prune_n, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            L1[:, i] = (w - q) ** 2 / d ** 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        losses += L1.sum(1) / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return float(losses.sum()), W.reshape(shape).to(dtype)
 
 
 class _LLMCQuantizer:
@@ -385,5 +499,5 @@ def _strip_quantization(lm) -> None:
 
 @hookimpl
 def aird_register_compressors(register):
-    for cls in (Magnitude, Wanda, WandaRP, SparseGPT, RTN, GPTQ, AWQ, W8A8):
+    for cls in (Magnitude, Wanda, WandaRP, SparseGPT, SparseGPTRP, RTN, GPTQ, AWQ, W8A8):
         register(cls())
