@@ -317,7 +317,7 @@ def compress_cmd(
     bits: Optional[int] = typer.Option(None, help="Quantization: weight bits (4 or 8)."),
     group_size: Optional[int] = typer.Option(None, help="Quantization: weights per scale along the input dimension."),
     protect_refusal: bool = typer.Option(False, "--protect-refusal", help="Refusal-preserving variant of the method "
-                                         "(wanda → wanda-rp): keeps the weights that carry the --reference probe's "
+                                         "(wanda → wanda-rp, sparsegpt → sparsegpt-rp): keeps the weights that carry the --reference probe's "
                                          "refusal direction, at the same sparsity (docs/compress.md)."),
     reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="With --protect-refusal: the original "
                                              "model's probe folder (its direction, source and training prompts)."),
