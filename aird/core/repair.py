@@ -259,10 +259,12 @@ def writer_rows(lm: LoadedModel, texts: list[str], layer: int, mats: list[str], 
     handles = [m.register_forward_pre_hook(keep_input(k)) for k, m in enumerate(mods)]
     handles.append(block.register_forward_hook(keep_output))
     xs, ps, gs = [], [], []
+    # nothing above the block is read: each pass stops at the next block's input
+    above = layer + 1 < len(lm.adapter.layers(lm.model))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), (hooks.stop_before(lm, layer + 1) if above else nullcontext()):
             for b in make_batches(lm, texts, batch_size):
-                run_model(lm, b)
+                hooks.forward_until(lm, b) if above else run_model(lm, b)
                 m = b.attention_mask.bool()
                 if last is not None:      # left padded: a prompt's last tokens are the batch's last columns
                     m = m.clone()

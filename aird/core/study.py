@@ -56,6 +56,10 @@ _QUANT = [
 _STANDARD_GRID = [
     {"name": "magnitude-50", "method": "magnitude", "params": {"sparsity": 0.5}},
     _PRUNE[0], _PRUNE[1], _PRUNE[2],
+    # refusal-preserving compression beside the plain methods at the same sparsity (the original probe is filled
+    # in as their reference)
+    {"name": "wanda-50-rp", "method": "wanda-rp", "params": {"sparsity": 0.5}},
+    {"name": "sparsegpt-50-rp", "method": "sparsegpt-rp", "params": {"sparsity": 0.5}},
     _QUANT[0],
     {"name": "rtn-int4", "method": "rtn", "params": {"bits": 4, "group_size": 128}},
     _QUANT[1],
