@@ -132,14 +132,17 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
     return {"saliency": out, **info, "d_norm": float(d.norm())}
 
 
-def protected_scores(base: torch.Tensor, saliency: torch.Tensor | None, strength: float) -> torch.Tensor:
+def protected_scores(base: torch.Tensor, saliency: torch.Tensor | None, strength: float,
+                     means: tuple[float, float] | None = None) -> torch.Tensor:
     """The pruning score of a matrix with refusal protection: base / mean(base) + strength · R / mean(R) (each
     term scaled by its mean over the matrix, so strength 1 weighs both alike; with no saliency, or strength 0,
-    the ranking is the base method's own)."""
+    the ranking is the base method's own). ``means`` gives the two means when the scores are compared a part of
+    the matrix at a time (SparseGPT's blocks), so that every part weighs the terms alike."""
     if saliency is None or strength == 0:
         return base
     s = saliency.to(base.device, base.dtype)
-    ms = s.mean()
+    mb, ms = means if means is not None else (base.mean(), s.mean())
+    ms = torch.as_tensor(ms)
     if not torch.isfinite(ms) or ms <= 0:
         return base
-    return base / base.mean().clamp_min(1e-30) + strength * s / ms
+    return base / torch.as_tensor(mb).clamp_min(1e-30) + strength * s / ms

@@ -299,6 +299,8 @@ def sparsegpt_protected(weight: torch.Tensor, H: torch.Tensor, saliency: torch.T
     Apache-2.0) with the mask chosen by the protected score: (loss, pruned weight). ``prune_n`` of every
     ``prune_m`` weights of a row are pruned when ``prune_n`` is set, else ⌊sparsity · rows · block⌋ weights of each
     block of columns. With ``strength`` 0 the mask is SparseGPT's own (up to its ties)."""
+    from aird.core.protect import protected_scores
+
     shape, dtype = weight.shape, weight.dtype
     W = weight.clone().float()
     H = H.clone().float()
@@ -314,14 +316,12 @@ def sparsegpt_protected(weight: torch.Tensor, H: torch.Tensor, saliency: torch.T
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch._C._LinAlgError:
         Hinv = torch.eye(cols, dtype=H.dtype, device=H.device)
-    # one normaliser per matrix for each term, from the dense weights, so every block weighs them alike
-    base_mean = (W.abs() / torch.diag(Hinv).reshape(1, -1)).mean().clamp_min(1e-30)
-    sal_mean = saliency.float().mean()
-    protect = strength > 0 and bool(torch.isfinite(sal_mean)) and float(sal_mean) > 0
+    # one mean per matrix for each term, from the dense weights, so every block weighs them alike
+    means = (float((W.abs() / torch.diag(Hinv).reshape(1, -1)).mean()), float(saliency.float().mean()))
 
     def score(w: torch.Tensor, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        s = w.abs() / d.reshape(1, -1) / base_mean      # the square root of SparseGPT's w²/d²: the same order
-        return s + strength * w.abs() * g / sal_mean if protect else s
+        # |w|/d: the square root of SparseGPT's w²/d², the same order; |w|·g: the saliency at the current weight
+        return protected_scores(w.abs() / d.reshape(1, -1), w.abs() * g, strength, means)
 
     losses = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, block_size):
