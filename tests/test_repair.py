@@ -400,8 +400,34 @@ def test_tuning_sets_by_role_and_their_errors():
         _tuning_prompts(RepairConfig(tune_on=["advbench"]), None, 42)
 
 
-@pytest.mark.parametrize("guard_from", ["larger", "original"])
-def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, monkeypatch, guard_from):
+def test_guard_ceiling_on_rate_or_score():
+    """The rate guard adds `guard` to the anchor rate; the score guard adds `guard` times the original's
+    harmful − harmless score gap to the anchor score; both anchor on the larger value unless told original."""
+    from aird.core.repair import guard_ceiling
+
+    orig = {"harmful_refusal_rate": 0.7, "harmless_refusal_rate": 0.05,
+            "harmful_refusal_score": 2.0, "harmless_refusal_score": -4.0}
+    comp = {"harmful_refusal_rate": 0.4, "harmless_refusal_rate": 0.10,
+            "harmful_refusal_score": 0.5, "harmless_refusal_score": -4.5}
+    assert guard_ceiling(RepairConfig(), orig, comp) == ("harmless_refusal_rate", pytest.approx(0.12))
+    assert guard_ceiling(RepairConfig(guard_from="original"), orig, comp) == ("harmless_refusal_rate",
+                                                                              pytest.approx(0.07))
+    # score: the anchor is the original's −4.0 (above the compressed −4.5), plus 0.05 × (2.0 − (−4.0)) = 0.3
+    assert guard_ceiling(RepairConfig(guard_on="score", guard=0.05), orig, comp) == ("harmless_refusal_score",
+                                                                                    pytest.approx(-3.7))
+    comp["harmless_refusal_score"] = -3.0           # compression raised the benign score: the larger anchors
+    assert guard_ceiling(RepairConfig(guard_on="score", guard=0.05), orig, comp)[1] == pytest.approx(-2.7)
+    assert guard_ceiling(RepairConfig(guard_on="score", guard=0.05, guard_from="original"), orig, comp)[1] == \
+        pytest.approx(-3.7)
+    orig["harmful_refusal_score"] = -5.0            # no gap to scale by: one clear sentence
+    with pytest.raises(AirdError, match="--guard-on rate"):
+        guard_ceiling(RepairConfig(guard_on="score"), orig, comp)
+    with pytest.raises(AirdError, match="--guard-on must be rate or score"):
+        RepairConfig(guard_on="kl").validate()
+
+
+@pytest.mark.parametrize("guard_from,guard_on", [("larger", "rate"), ("original", "rate"), ("larger", "score")])
+def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, monkeypatch, guard_from, guard_on):
     """The compressed model over-refuses more than the original: the default guard allows its rate plus 2 points,
     guard_from="original" only the original's plus 2 points, and every trial is checked against that ceiling."""
     from aird.core import repair as rmod
@@ -419,9 +445,16 @@ def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, m
 
     rates.calls = 0
     monkeypatch.setattr(rmod._Evaluator, "rates", rates)
-    s = run_repair(lm, root / "probe-orig", RepairConfig(data_dir=str(data), judge="score", guard_from=guard_from),
-                   tmp_path / "g")
+    s = run_repair(lm, root / "probe-orig", RepairConfig(data_dir=str(data), judge="score", guard_from=guard_from,
+                                                         guard_on=guard_on), tmp_path / "g")
     v = s["validation"]
+    if guard_on == "score":     # the mean harmless score of every trial against the original's plus 2% of its gap
+        o, c = v["original"], v["compressed"]
+        ceiling = max(o["harmless_refusal_score"], c["harmless_refusal_score"]) + \
+            0.02 * (o["harmful_refusal_score"] - o["harmless_refusal_score"])
+        assert v["guard_on"] == "harmless_refusal_score" and v["harmless_guard"] == pytest.approx(ceiling)
+        assert all(t["within_guard"] == (t["harmless_refusal_score"] <= ceiling + 1e-9) for t in v["trials"])
+        return
     orig = v["original"]["harmless_refusal_rate"]
     assert orig < 0.5
     expected = (orig if guard_from == "original" else 0.5) + 0.02

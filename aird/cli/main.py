@@ -439,6 +439,10 @@ def repair_cmd(
                                    "original's or the compressed model's harmless refusal rate, whichever is higher) "
                                    "or original (the original model's: the repair must also undo compression's "
                                    "over-refusal)."),
+    guard_on: str = typer.Option(RepairConfig.guard_on, help="What the guard bounds: rate (the harmless refusal "
+                                 "rate may rise --guard) or score (the mean harmless first-token refusal score may "
+                                 "rise --guard × the original's harmful − harmless score gap; not decided by one "
+                                 "answer flipping)."),
     tune_on: Optional[list[str]] = typer.Option(None, "--tune-on", help="Sets α is searched on (harmful and benign; "
                                                 "see `aird data`) [default: the probe's validation splits]."),
     tune_limit: int = typer.Option(RepairConfig.tune_limit, help="Prompts per --tune-on set (stratified, seeded)."),
@@ -472,7 +476,8 @@ def repair_cmd(
         get("repair", method)
         set_threads(threads)
         lay = None if layer == "default" else (layer if layer in LAYER_CHOICES else _int(layer, "--layer"))
-        cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, guard_from=guard_from, judge=judge,
+        cfg = RepairConfig(method=method, layer=lay, matrix=matrix, alpha=alpha, guard=guard, guard_from=guard_from, guard_on=guard_on,
+                           judge=judge,
                            candidates=candidates, refine=refine, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,
                            tune_on=list(tune_on) if tune_on else None, tune_limit=tune_limit,

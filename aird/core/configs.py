@@ -16,6 +16,7 @@ HARMFUL_SETS = ("advbench", "jailbreakbench", "xstest_unsafe")               # e
 BENIGN_SETS = ("jailbreakbench_benign", "xstest_safe", "alpaca")           # eval's default benign sets (over-refusal)
 CHECK_SETS = ("jailbreakbench", "xstest_unsafe", "jailbreakbench_benign", "xstest_safe")   # repair's held-out check
 GUARD_FROM = ("larger", "original")                           # what repair's over-refusal guard is anchored on
+GUARD_ON = ("rate", "score")                                  # what it bounds: the harmless refusal rate, or its mean score
 JUDGES = ("generate", "score")                                # how repair's α search judges refusal
 
 
@@ -96,6 +97,7 @@ class RepairConfig:
     alpha: float | str = "auto"
     guard: float = 0.02                  # harmless refusal rate may rise at most this much
     guard_from: str = "larger"           # over what: the larger of the original's and the compressed model's rate, or the original's
+    guard_on: str = "rate"               # rate (the harmless refusal rate may rise `guard`) | score (its mean score, `guard` × the original's score gap)
     judge: str = "generate"              # generate (as eval judges) | score (first-token refusal score > 0)
     scorer: str = "substring"            # the scorer plugin of the generate judge
     max_new_tokens: int = 24             # the generate judge's answer length (refusal phrases come first)
@@ -136,6 +138,8 @@ class RepairConfig:
             raise AirdError(f"--guard must be in [0, 1), not {self.guard!r}.")
         if self.guard_from not in GUARD_FROM:
             raise AirdError(f"--guard-from must be {' or '.join(GUARD_FROM)}, not {self.guard_from!r}.")
+        if self.guard_on not in GUARD_ON:
+            raise AirdError(f"--guard-on must be {' or '.join(GUARD_ON)}, not {self.guard_on!r}.")
         if self.fit_positions not in FIT_POSITIONS:
             raise AirdError(f"--fit-positions must be {' or '.join(FIT_POSITIONS)}, not {self.fit_positions!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):

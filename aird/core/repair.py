@@ -221,6 +221,25 @@ def search_alpha(trial, alphas: list[float], early_stop: bool, refine: int = 0, 
     return trials
 
 
+def guard_ceiling(cfg: RepairConfig, original: dict, compressed: dict) -> tuple[str, float]:
+    """The over-refusal guard: which harmless measure of a trial it bounds, and the ceiling. Anchored on the
+    original model's value, or (default) on the larger of it and the compressed model's, when compression already
+    raised over-refusal and restoring it is not the repair's job. On the rate (default), the ceiling is the anchor
+    plus ``cfg.guard``; on the mean first-token refusal score (``guard_on="score"``), the anchor plus ``cfg.guard``
+    times the original's harmful − harmless score gap: a continuous guard, which on a few dozen benign prompts
+    is not decided by one greedy answer flipping (a 2-point guard on 48 prompts is a one-prompt guard)."""
+    key = "harmless_refusal_rate" if cfg.guard_on == "rate" else "harmless_refusal_score"
+    anchor = original[key] if cfg.guard_from == "original" else max(original[key], compressed[key])
+    if cfg.guard_on == "rate":
+        return key, anchor + cfg.guard
+    gap = original["harmful_refusal_score"] - original["harmless_refusal_score"]
+    if not gap > 0:
+        raise AirdError("the score guard needs the original model to score harmful prompts above harmless ones "
+                        f"(its mean refusal scores: harmful {original['harmful_refusal_score']:.3f}, harmless "
+                        f"{original['harmless_refusal_score']:.3f}); use --guard-on rate.")
+    return key, anchor + cfg.guard * gap
+
+
 def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
     """The edit to keep, and whether it met the target within the guard. Among the edits that did: the
     smallest α of each (layer, matrix), then the one that refuses the fewest harmless prompts (the guard is a
@@ -574,18 +593,17 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
             advance(1)
         rates = lambda layer: judge.rates(lm)  # noqa: E731
     else:
-        original = {"harmful_refusal_rate": ref.summary["baseline"]["harmful_refused_share"],
-                    "harmless_refusal_rate": ref.summary["baseline"]["harmless_refused_share"]}
+        base = ref.summary["baseline"]
+        original = {"harmful_refusal_rate": base["harmful_refused_share"],
+                    "harmless_refusal_rate": base["harmless_refused_share"],
+                    "harmful_refusal_score": base.get("harmful_refusal_score_all", base["harmful_refusal_score"]),
+                    "harmless_refusal_score": base.get("harmless_refusal_score_all", base["harmless_refusal_score"])}
         with sw("validation_cache"):
             ev = _Evaluator(lm, harmful, harmless, sorted({c[0] for c in candidates}), cfg.batch_size)
             compressed = ev.rates(candidates[0][0])
         rates = ev.rates
     before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
-    # anchored on the original model's harmless refusal rate, or (default) on the larger of it and the compressed
-    # model's, when compression already raised over-refusal and restoring it is not the repair's job
-    anchor = original["harmless_refusal_rate"] if cfg.guard_from == "original" else \
-        max(original["harmless_refusal_rate"], compressed["harmless_refusal_rate"])
-    guard = anchor + cfg.guard
+    guard_key, guard = guard_ceiling(cfg, original, compressed)
     target = original["harmful_refusal_rate"]
     trials = []
     early = cfg.judge == "generate"
@@ -603,7 +621,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                     _restore(targets, saved)
                 r.update(layer=layer, matrix="+".join(mats), alpha=alpha, candidate=c,
                          reaches_target=r["harmful_refusal_rate"] >= target,
-                         within_guard=r["harmless_refusal_rate"] <= guard + 1e-9)
+                         within_guard=r[guard_key] <= guard + 1e-9)
                 return r
 
             tried = search_alpha(trial, alphas, early_stop=early, refine=refine, advance=advance)
@@ -655,7 +673,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                 "limit": cfg.check_limit} if check is not None else None),
         validation={"judge": cfg.judge, "original": original, "compressed": compressed,
                     "repaired": {k: best[k] for k in keys if k in best},
-                    "target_harmful_refusal_rate": target, "harmless_guard": guard, "target_reached": ok,
+                    "target_harmful_refusal_rate": target, "harmless_guard": guard, "guard_on": guard_key,
+                    "target_reached": ok,
                     "trials": trials, "n_harmful": len(harmful), "n_harmless": len(harmless)},
         seconds=round(time.perf_counter() - t0, 3), timings=dict(run.timings), out=str(out), path=str(out),
     )
