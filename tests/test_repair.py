@@ -147,7 +147,8 @@ def test_alpha_choice_never_takes_an_over_refusing_edit(study, tmp_path, monkeyp
 
     def rates(self, layer):
         r = real(self, layer)
-        r["harmless_refusal_rate"] = 1.0 if rates.calls else r["harmless_refusal_rate"]
+        if rates.calls:   # every edit refuses every harmless prompt (pooled and in its one set)
+            r["harmless_refusal_rate"] = r["harmless_by_set"]["harmless"]["harmless_refusal_rate"] = 1.0
         rates.calls += 1
         return r
 
@@ -225,7 +226,7 @@ def test_repair_with_the_generate_judge_and_auto_layer(study, tmp_path, register
     # the pruned tiny model loses refusal and the edit brings it back (the other outcome: the test above)
     assert v["target_reached"], v
     assert v["repaired"]["harmful_refusal_rate"] >= v["original"]["harmful_refusal_rate"]
-    assert v["repaired"]["harmless_refusal_rate"] <= v["harmless_guard"] + 1e-9
+    assert v["repaired"]["harmless_refusal_rate"] <= v["harmless_guard"]["harmless"] + 1e-9
 
 
 def test_alpha_search_bisects_to_the_smallest_alpha_that_reaches_the_target():
@@ -400,25 +401,32 @@ def test_tuning_sets_by_role_and_their_errors():
         _tuning_prompts(RepairConfig(tune_on=["advbench"]), None, 42)
 
 
-def test_guard_ceiling_on_rate_or_score():
-    """The rate guard adds `guard` to the anchor rate; the score guard adds `guard` times the original's
-    harmful − harmless score gap to the anchor score; both anchor on the larger value unless told original."""
+def _side(harmful_rate, harmful_score, by_set):
+    """A rates record as the judges return it: pooled harmless values (the mean of the sets', equal n) and per set."""
+    return {"harmful_refusal_rate": harmful_rate, "harmful_refusal_score": harmful_score,
+            "harmless_refusal_rate": sum(r for r, _ in by_set.values()) / len(by_set),
+            "harmless_refusal_score": sum(s for _, s in by_set.values()) / len(by_set),
+            "harmless_by_set": {g: {"harmless_refusal_rate": r, "harmless_refusal_score": s, "n": 24}
+                                for g, (r, s) in by_set.items()}}
+
+
+def test_guard_ceiling_on_rate_or_score_per_benign_set():
+    """The rate guard adds `guard` to each benign set's anchor rate; the score guard adds `guard` times the
+    original's pooled harmful − harmless score gap to each set's anchor score; both anchor on the larger value
+    unless told original."""
     from aird.core.repair import guard_ceiling
 
-    orig = {"harmful_refusal_rate": 0.7, "harmless_refusal_rate": 0.05,
-            "harmful_refusal_score": 2.0, "harmless_refusal_score": -4.0}
-    comp = {"harmful_refusal_rate": 0.4, "harmless_refusal_rate": 0.10,
-            "harmful_refusal_score": 0.5, "harmless_refusal_score": -4.5}
-    assert guard_ceiling(RepairConfig(), orig, comp) == ("harmless_refusal_rate", pytest.approx(0.12))
-    assert guard_ceiling(RepairConfig(guard_from="original"), orig, comp) == ("harmless_refusal_rate",
-                                                                              pytest.approx(0.07))
-    # score: the anchor is the original's −4.0 (above the compressed −4.5), plus 0.05 × (2.0 − (−4.0)) = 0.3
-    assert guard_ceiling(RepairConfig(guard_on="score", guard=0.05), orig, comp) == ("harmless_refusal_score",
-                                                                                    pytest.approx(-3.7))
-    comp["harmless_refusal_score"] = -3.0           # compression raised the benign score: the larger anchors
-    assert guard_ceiling(RepairConfig(guard_on="score", guard=0.05), orig, comp)[1] == pytest.approx(-2.7)
+    orig = _side(0.7, 2.0, {"alpaca": (0.05, -5.0), "xstest_safe": (0.30, -3.0)})      # pooled harmless −4.0
+    comp = _side(0.4, 0.5, {"alpaca": (0.10, -5.5), "xstest_safe": (0.25, -2.5)})
+    key, ceil = guard_ceiling(RepairConfig(), orig, comp)
+    assert key == "harmless_refusal_rate" and ceil == {"alpaca": pytest.approx(0.12), "xstest_safe": pytest.approx(0.32)}
+    assert guard_ceiling(RepairConfig(guard_from="original"), orig, comp)[1]["alpaca"] == pytest.approx(0.07)
+    # score: the gap is 2.0 − (−4.0) = 6, so 0.05 × 6 = 0.3 over each set's larger anchor
+    key, ceil = guard_ceiling(RepairConfig(guard_on="score", guard=0.05), orig, comp)
+    assert key == "harmless_refusal_score"
+    assert ceil == {"alpaca": pytest.approx(-4.7), "xstest_safe": pytest.approx(-2.2)}
     assert guard_ceiling(RepairConfig(guard_on="score", guard=0.05, guard_from="original"), orig, comp)[1] == \
-        pytest.approx(-3.7)
+        {"alpaca": pytest.approx(-4.7), "xstest_safe": pytest.approx(-2.7)}
     orig["harmful_refusal_score"] = -5.0            # no gap to scale by: one clear sentence
     with pytest.raises(AirdError, match="--guard-on rate"):
         guard_ceiling(RepairConfig(guard_on="score"), orig, comp)
@@ -439,7 +447,7 @@ def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, m
     def rates(self, layer):     # the compressed model (the first call) over-refuses: 0.5 of harmless prompts
         r = real(self, layer)
         if not rates.calls:
-            r["harmless_refusal_rate"] = 0.5
+            r["harmless_refusal_rate"] = r["harmless_by_set"]["harmless"]["harmless_refusal_rate"] = 0.5
         rates.calls += 1
         return r
 
@@ -452,18 +460,38 @@ def test_guard_is_anchored_on_the_original_or_the_larger_rate(study, tmp_path, m
         o, c = v["original"], v["compressed"]
         ceiling = max(o["harmless_refusal_score"], c["harmless_refusal_score"]) + \
             0.02 * (o["harmful_refusal_score"] - o["harmless_refusal_score"])
-        assert v["guard_on"] == "harmless_refusal_score" and v["harmless_guard"] == pytest.approx(ceiling)
+        assert v["guard_on"] == "harmless_refusal_score" and v["harmless_guard"] == {"harmless": pytest.approx(ceiling)}
         assert all(t["within_guard"] == (t["harmless_refusal_score"] <= ceiling + 1e-9) for t in v["trials"])
         return
     orig = v["original"]["harmless_refusal_rate"]
     assert orig < 0.5
     expected = (orig if guard_from == "original" else 0.5) + 0.02
-    assert v["harmless_guard"] == pytest.approx(expected)
+    assert v["harmless_guard"] == {"harmless": pytest.approx(expected)}
     assert all(t["within_guard"] == (t["harmless_refusal_rate"] <= expected + 1e-9) for t in v["trials"])
     with pytest.raises(AirdError, match="--guard-from"):
         RepairConfig(guard_from="compressed").validate()
     with pytest.raises(AirdError, match="--fit-positions must be all or post"):
         RepairConfig(fit_positions="last").validate()
+
+
+def test_guard_holds_on_every_benign_tuning_set(study, tmp_path):
+    """Tuning on two benign sets, the score judge measures the original model on the tuning prompts themselves
+    (not the probe's baseline), every rate record carries each benign set's rate and score, and a trial is within
+    the guard only when every set is under its own ceiling."""
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    cfg = RepairConfig(data_dir=str(data), judge="score", guard_on="score", check_on=[],
+                       tune_on=["jailbreakbench", "harmless_val", "xstest_safe"], tune_limit=8)
+    v = run_repair(lm, root / "probe-orig", cfg, tmp_path / "sets")["validation"]
+    assert v["n_harmful"] == 8 and v["n_harmless"] == 16
+    for side in ("original", "compressed"):
+        by = v[side]["harmless_by_set"]
+        assert set(by) == {"harmless_val", "xstest_safe"} and all(b["n"] == 8 for b in by.values())
+        assert v[side]["harmless_refusal_score"] == pytest.approx(sum(b["harmless_refusal_score"] for b in by.values()) / 2)
+    assert set(v["harmless_guard"]) == {"harmless_val", "xstest_safe"}
+    assert v["trials"] and all(
+        t["within_guard"] == all(t["harmless_by_set"][g]["harmless_refusal_score"] <= c + 1e-9
+                                 for g, c in v["harmless_guard"].items()) for t in v["trials"])
 
 
 # ---- repairs that stay on the quantization grid ------------------------------------------------------------
@@ -565,3 +593,31 @@ def test_repair_at_the_blocks_where_compression_lost_separation(study, tmp_path,
     with pytest.raises(AirdError, match="--layer must be"):
         run_repair(lm, root / "probe-orig", RepairConfig(method="aird-ridge", layer="best", judge="score",
                                                          check_on=[], data_dir=str(data)), tmp_path / "bad")
+
+
+def test_fit_on_adds_named_prompts_to_the_fit(study, tmp_path, monkeypatch):
+    """--fit-on: the named sets' prompts (stratified to fit_limit) join the probe's training prompts in the
+    ridge fit and count as seen; an amplifying method refuses the option in one sentence."""
+    from aird.core import repair as rmod
+
+    root, data = study
+    lm = load_model(str(root / "pruned"), device="cpu")
+    seen_texts = []
+    real = rmod._fit_candidates
+
+    def fit(lm_, orig, texts, *a, **k):
+        seen_texts.append(list(texts))
+        return real(lm_, orig, texts, *a, **k)
+
+    monkeypatch.setattr(rmod, "_fit_candidates", fit)
+    base = dict(data_dir=str(data), judge="score", check_on=[], method="aird-ridge", layer=1, matrix="attn",
+                alpha="1.0")
+    run_repair(lm, root / "probe-orig", RepairConfig(**base), tmp_path / "plain")
+    s = run_repair(lm, root / "probe-orig", RepairConfig(**base, fit_on=["xstest_safe"], fit_limit=6), tmp_path / "fit")
+    plain, extra = seen_texts
+    assert len(extra) == len(plain) + 6 and extra[: len(plain)] == plain
+    assert s["tuned_on"]["fit_sets"] == ["xstest_safe"] and s["tuned_on"]["n_fit_extra"] == 6
+    assert "xstest_safe" in s["tuned_on"]["sets"] and "xstest" in s["tuned_on"]["origins"]
+    with pytest.raises(AirdError, match="--fit-on applies to the fitting repair methods"):
+        run_repair(lm, root / "probe-orig", RepairConfig(**{**base, "method": "aird"}, fit_on=["xstest_safe"]),
+                   tmp_path / "amp")

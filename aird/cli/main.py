@@ -446,6 +446,10 @@ def repair_cmd(
     tune_on: Optional[list[str]] = typer.Option(None, "--tune-on", help="Sets α is searched on (harmful and benign; "
                                                 "see `aird data`) [default: the probe's validation splits]."),
     tune_limit: int = typer.Option(RepairConfig.tune_limit, help="Prompts per --tune-on set (stratified, seeded)."),
+    fit_on: Optional[list[str]] = typer.Option(None, "--fit-on", help="Fitting methods: sets whose prompts join the "
+                                               "probe's training prompts in the fit (they count as seen) [default: "
+                                               "none]."),
+    fit_limit: int = typer.Option(RepairConfig.fit_limit, help="Prompts per --fit-on set (stratified, seeded)."),
     check_on: Optional[list[str]] = typer.Option(None, "--check-on", help="Sets the repair is checked on after it "
                                                  "is chosen, with every prompt the probe or the tuning saw left out; "
                                                  "'none' skips [default: jailbreakbench xstest_unsafe "
@@ -481,6 +485,7 @@ def repair_cmd(
                            candidates=candidates, refine=refine, max_new_tokens=max_new_tokens, scorer=scorer,
                            compressed_probe=str(compressed_probe) if compressed_probe else None,
                            tune_on=list(tune_on) if tune_on else None, tune_limit=tune_limit,
+                           fit_on=list(fit_on) if fit_on else None, fit_limit=fit_limit,
                            check_limit=check_limit, ridge=ridge, fit_positions=fit_positions,
                            batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
         if check_on:

@@ -106,6 +106,8 @@ class RepairConfig:
     compressed_probe: str | None = None
     tune_on: list[str] | None = None     # α search prompts: None = the probe's validation splits; else named sets
     tune_limit: int = 32                 # prompts per named tuning set (stratified, seeded)
+    fit_on: list[str] | None = None      # fitting repairs: named sets whose prompts join the probe's training prompts in the fit
+    fit_limit: int = 64                  # prompts per --fit-on set (stratified, seeded)
     check_on: list[str] = field(default_factory=lambda: list(CHECK_SETS))   # held-out check after the repair
     check_limit: int = 50                # prompts per check set (stratified, seeded); 0 or [] skips the check
     ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
@@ -131,6 +133,7 @@ class RepairConfig:
                                 "entirely), or auto.")
         for name, value, least in (("--candidates", self.candidates, 1), ("--refine", self.refine, 0),
                                    ("--max-new-tokens", self.max_new_tokens, 1), ("--tune-limit", self.tune_limit, 1),
+                                   ("--fit-limit", self.fit_limit, 1),
                                    ("--check-limit", self.check_limit, 0), ("--batch-size", self.batch_size, 1)):
             if not isinstance(value, int) or value < least:
                 raise AirdError(f"{name} must be a whole number of at least {least}, not {value!r}.")

@@ -61,12 +61,32 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 NON_SEMANTIC = ("device", "data_dir", "threads", "batch_size")
 
 
+def _rates(refused: list[bool], scores: torch.Tensor, n_harmful: int, groups: list[str] | None) -> dict:
+    """Refusal rates and mean first-token refusal scores of the harmful and the harmless prompts (the first
+    ``n_harmful``), and of the harmless ones per set (``groups``: each harmless prompt's set; None: one set,
+    ``harmless``), which the over-refusal guard bounds one by one."""
+    h, s = torch.tensor(refused[:n_harmful], dtype=torch.float), torch.tensor(refused[n_harmful:], dtype=torch.float)
+    out = {"harmful_refusal_rate": h.mean().item(), "harmless_refusal_rate": s.mean().item(),
+           "harmful_refusal_score": scores[:n_harmful].mean().item(),
+           "harmless_refusal_score": scores[n_harmful:].mean().item()}
+    groups = groups or ["harmless"] * len(s)
+    by: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g, []).append(i)
+    out["harmless_by_set"] = {g: {"harmless_refusal_rate": s[idx].mean().item(),
+                                  "harmless_refusal_score": scores[n_harmful:][idx].mean().item(), "n": len(idx)}
+                              for g, idx in by.items()}
+    return out
+
+
 class _Evaluator:
     """Refusal rates of the validation prompts, running the model from a cached layer on."""
 
-    def __init__(self, lm: LoadedModel, harmful: list[str], harmless: list[str], layers: list[int], batch_size: int):
+    def __init__(self, lm: LoadedModel, harmful: list[str], harmless: list[str], layers: list[int], batch_size: int,
+                 groups: list[str] | None = None):
         self.lm = lm
         self.n_h = len(harmful)
+        self.groups = groups
         self.batches = make_batches(lm, harmful + harmless, batch_size)
         self.ids = lm.adapter.refusal_token_ids(lm.tokenizer)
         self.cache: list[dict[int, torch.Tensor]] = []
@@ -84,17 +104,15 @@ class _Evaluator:
             for b, store in zip(self.batches, self.cache):
                 with hooks.start_at(self.lm, from_layer, store[from_layer]):
                     scores[b.idx] = refusal_scores(run_model(self.lm, b)[:, -1, :].cpu(), self.ids)
-        h, s = scores[: self.n_h], scores[self.n_h :]
-        return {"harmful_refusal_rate": (h > 0).float().mean().item(), "harmless_refusal_rate": (s > 0).float().mean().item(),
-                "harmful_refusal_score": h.mean().item(), "harmless_refusal_score": s.mean().item()}
+        return _rates((scores > 0).tolist(), scores, self.n_h, self.groups)
 
 
 class _GenJudge:
     """Refusal rates as `aird eval` measures them: greedy answers judged by a scorer plugin."""
 
     def __init__(self, harmful: list[str], harmless: list[str], raw: list[str], scorer, max_new_tokens: int,
-                 batch_size: int):
-        self.harmful, self.harmless, self.raw = harmful, harmless, raw
+                 batch_size: int, groups: list[str] | None = None):
+        self.harmful, self.harmless, self.raw, self.groups = harmful, harmless, raw, groups
         self.scorer, self.max_new_tokens, self.batch_size = scorer, max_new_tokens, batch_size
 
     def rates(self, lm: LoadedModel) -> dict:
@@ -102,9 +120,7 @@ class _GenJudge:
 
         _, refused, scores = answer_and_judge(lm, self.harmful + self.harmless, self.raw, self.scorer,
                                               self.max_new_tokens, self.batch_size)
-        n = len(self.harmful)
-        return {"harmful_refusal_rate": sum(refused[:n]) / n, "harmless_refusal_rate": sum(refused[n:]) / (len(refused) - n),
-                "harmful_refusal_score": scores[:n].mean().item(), "harmless_refusal_score": scores[n:].mean().item()}
+        return _rates(list(refused), torch.as_tensor(scores, dtype=torch.float), len(self.harmful), self.groups)
 
 
 def rank_writers(lm: LoadedModel, harmful: list[str], harmless: list[str], unit: torch.Tensor, which: list[str],
@@ -221,23 +237,26 @@ def search_alpha(trial, alphas: list[float], early_stop: bool, refine: int = 0, 
     return trials
 
 
-def guard_ceiling(cfg: RepairConfig, original: dict, compressed: dict) -> tuple[str, float]:
-    """The over-refusal guard: which harmless measure of a trial it bounds, and the ceiling. Anchored on the
-    original model's value, or (default) on the larger of it and the compressed model's, when compression already
-    raised over-refusal and restoring it is not the repair's job. On the rate (default), the ceiling is the anchor
-    plus ``cfg.guard``; on the mean first-token refusal score (``guard_on="score"``), the anchor plus ``cfg.guard``
-    times the original's harmful − harmless score gap: a continuous guard, which on a few dozen benign prompts
-    is not decided by one greedy answer flipping (a 2-point guard on 48 prompts is a one-prompt guard)."""
+def guard_ceiling(cfg: RepairConfig, original: dict, compressed: dict) -> tuple[str, dict[str, float]]:
+    """The over-refusal guard: which harmless measure of a trial it bounds, and the ceiling for each benign
+    tuning set (``harmless_by_set``; a trial must stay under every one: pooled, a large set whose refusal falls
+    would hide a small one whose refusal rises). Anchored on the original model's value, or (default) on the
+    larger of it and the compressed model's, when compression already raised over-refusal and restoring it is not
+    the repair's job. On the rate (default), the ceiling is the anchor plus ``cfg.guard``; on the mean first-token
+    refusal score (``guard_on="score"``), the anchor plus ``cfg.guard`` times the original's (pooled) harmful −
+    harmless score gap: a continuous guard, which on a few dozen benign prompts is not decided by one greedy
+    answer flipping (a 2-point guard on 48 prompts is a one-prompt guard)."""
     key = "harmless_refusal_rate" if cfg.guard_on == "rate" else "harmless_refusal_score"
-    anchor = original[key] if cfg.guard_from == "original" else max(original[key], compressed[key])
+    by_o, by_c = original["harmless_by_set"], compressed["harmless_by_set"]
+    anchor = {g: by_o[g][key] if cfg.guard_from == "original" else max(by_o[g][key], by_c[g][key]) for g in by_o}
     if cfg.guard_on == "rate":
-        return key, anchor + cfg.guard
+        return key, {g: a + cfg.guard for g, a in anchor.items()}
     gap = original["harmful_refusal_score"] - original["harmless_refusal_score"]
     if not gap > 0:
         raise AirdError("the score guard needs the original model to score harmful prompts above harmless ones "
                         f"(its mean refusal scores: harmful {original['harmful_refusal_score']:.3f}, harmless "
                         f"{original['harmless_refusal_score']:.3f}); use --guard-on rate.")
-    return key, anchor + cfg.guard * gap
+    return key, {g: a + cfg.guard * gap for g, a in anchor.items()}
 
 
 def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
@@ -483,6 +502,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     which = cfg.matrices()
     scorer = plugins.get("scorer", cfg.scorer) if cfg.judge == "generate" else None
     fitting = bool(getattr(repair, "fits", False))
+    if cfg.fit_on and not fitting:
+        raise AirdError(f"--fit-on applies to the fitting repair methods (aird-ridge*), not {cfg.method!r}.")
     check_scorer = scorer or plugins.get("scorer", cfg.scorer)
     ref = open_probe(reference)
     n_layers = lm.n_layers
@@ -524,7 +545,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     harmful = format_prompts(lm, tune_h, pcfg.system_prompt)
     harmless = format_prompts(lm, tune_b, pcfg.system_prompt)
     probe_sets = [pcfg.harmful_train, pcfg.harmful_val, pcfg.harmless_train, pcfg.harmless_val]
-    seen = list(dict.fromkeys(probe_sets + list(cfg.tune_on or [])))
+    fit_extra = _fit_prompts(cfg, pcfg.seed)
+    seen = list(dict.fromkeys(probe_sets + list(cfg.tune_on or []) + list(cfg.fit_on or [])))
     from aird.core.sources import origins
 
     tuned_origins = origins(seen, cfg.data_dir)
@@ -555,12 +577,16 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     if candidates is not None:
         check_candidates()
 
+    groups = [getattr(p, "source", None) or pcfg.harmless_val for p in tune_b] if cfg.tune_on else None
     judge = (_GenJudge(harmful, harmless, [p.instruction for p in tune_h + tune_b], scorer, cfg.max_new_tokens,
-                       cfg.batch_size) if cfg.judge == "generate" else None)
+                       cfg.batch_size, groups) if cfg.judge == "generate" else None)
     fits: dict[int, dict] = {}
     judged: dict[str, list[bool]] = {}
     original = None
-    if judge is not None or fitting or check is not None or candidates is None:
+    # the score judge's original rates: the probe's baseline on its validation splits, or, tuning on other sets,
+    # the original model on those prompts
+    score_original = judge is None and bool(cfg.tune_on)
+    if judge is not None or fitting or check is not None or candidates is None or score_original:
         with sw("original"), rep.stage("the original model: refusal rates, fits and checks", 1) as advance, \
                 _original_model(ref, lm.device, lm.info.get("dtype")) as orig:
             if candidates is None:
@@ -574,8 +600,10 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                 check_candidates()
             if judge is not None:
                 original = judge.rates(orig)
+            elif score_original:
+                original = _Evaluator(orig, harmful, harmless, [0], cfg.batch_size, groups).rates(0)
             if fitting:
-                calib = format_prompts(lm, sets.harmful_train + sets.harmless_train, pcfg.system_prompt)
+                calib = format_prompts(lm, sets.harmful_train + sets.harmless_train + fit_extra, pcfg.system_prompt)
                 last = (len(lm.adapter.post_instruction_positions(lm.tokenizer, pcfg.system_prompt))
                         if cfg.fit_positions == "post" else None)
                 fits = _fit_candidates(lm, orig, calib, candidates, unit, cfg.ridge, cfg.batch_size, last)
@@ -593,13 +621,16 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
             advance(1)
         rates = lambda layer: judge.rates(lm)  # noqa: E731
     else:
-        base = ref.summary["baseline"]
-        original = {"harmful_refusal_rate": base["harmful_refused_share"],
-                    "harmless_refusal_rate": base["harmless_refused_share"],
-                    "harmful_refusal_score": base.get("harmful_refusal_score_all", base["harmful_refusal_score"]),
-                    "harmless_refusal_score": base.get("harmless_refusal_score_all", base["harmless_refusal_score"])}
+        if original is None:
+            base = ref.summary["baseline"]
+            original = {"harmful_refusal_rate": base["harmful_refused_share"],
+                        "harmless_refusal_rate": base["harmless_refused_share"],
+                        "harmful_refusal_score": base.get("harmful_refusal_score_all", base["harmful_refusal_score"]),
+                        "harmless_refusal_score": base.get("harmless_refusal_score_all", base["harmless_refusal_score"])}
+            original["harmless_by_set"] = {"harmless": {k: original[k] for k in ("harmless_refusal_rate",
+                                                                                 "harmless_refusal_score")}}
         with sw("validation_cache"):
-            ev = _Evaluator(lm, harmful, harmless, sorted({c[0] for c in candidates}), cfg.batch_size)
+            ev = _Evaluator(lm, harmful, harmless, sorted({c[0] for c in candidates}), cfg.batch_size, groups)
             compressed = ev.rates(candidates[0][0])
         rates = ev.rates
     before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
@@ -621,7 +652,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                     _restore(targets, saved)
                 r.update(layer=layer, matrix="+".join(mats), alpha=alpha, candidate=c,
                          reaches_target=r["harmful_refusal_rate"] >= target,
-                         within_guard=r[guard_key] <= guard + 1e-9)
+                         within_guard=all(r["harmless_by_set"][g][guard_key] <= ceiling + 1e-9
+                                          for g, ceiling in guard.items()))
                 return r
 
             tried = search_alpha(trial, alphas, early_stop=early, refine=refine, advance=advance)
@@ -668,7 +700,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                "on_grid": all(on_grid(m.weight.data, g) for m, g in zip(_targets(lm, best["layer"], best_mats),
                                                                           best_grids))} if best_grids else None),
         tuned_on={"sets": seen, "tune_sets": list(cfg.tune_on) if cfg.tune_on else [pcfg.harmful_val, pcfg.harmless_val],
-                  "origins": sorted(tuned_origins)},
+                  "fit_sets": list(cfg.fit_on or []), "n_fit_extra": len(fit_extra), "origins": sorted(tuned_origins)},
         check=({"sets": check_summary, "scorer": check_scorer.name, "max_new_tokens": cfg.max_new_tokens,
                 "limit": cfg.check_limit} if check is not None else None),
         validation={"judge": cfg.judge, "original": original, "compressed": compressed,
@@ -725,6 +757,21 @@ def _role_of(name: str, option: str) -> str:
     if ds is None or ds.kind != "prompts" or ds.role not in ("harmful", "benign"):
         raise AirdError(f"{option} takes harmful or benign prompt sets (see `aird data`), not {name!r}.")
     return ds.role
+
+
+def _fit_prompts(cfg: RepairConfig, seed: int) -> list:
+    """The ``fit_on`` sets' prompts (each stratified to ``fit_limit``), which join the probe's training prompts
+    in a fitting repair's calibration: where the compressed model's projection already exceeds the original's
+    (say, benign prompts that look harmful, which compression made it refuse more), the fit learns to lower it."""
+    if not cfg.fit_on:
+        return []
+    from aird.core.data import load_set, stratified
+
+    out = []
+    for name in cfg.fit_on:
+        _role_of(name, "--fit-on")
+        out.extend(stratified(load_set(name, cfg.data_dir), cfg.fit_limit, seed))
+    return out
 
 
 def _tuning_prompts(cfg: RepairConfig, sets, seed: int):
