@@ -759,19 +759,20 @@ def _role_of(name: str, option: str) -> str:
     return ds.role
 
 
+def _sampled(names: list[str], limit: int, option: str, data_dir: str | None, seed: int) -> list[tuple[str, list]]:
+    """Each named harmful or benign set's role and prompts, stratified to ``limit`` (seeded); ``option`` names
+    the flag in the one sentence a set of another kind gets."""
+    from aird.core.data import load_set, stratified
+
+    return [(_role_of(name, option), stratified(load_set(name, data_dir), limit, seed)) for name in names]
+
+
 def _fit_prompts(cfg: RepairConfig, seed: int) -> list:
     """The ``fit_on`` sets' prompts (each stratified to ``fit_limit``), which join the probe's training prompts
     in a fitting repair's calibration: where the compressed model's projection already exceeds the original's
-    (say, benign prompts that look harmful, which compression made it refuse more), the fit learns to lower it."""
-    if not cfg.fit_on:
-        return []
-    from aird.core.data import load_set, stratified
-
-    out = []
-    for name in cfg.fit_on:
-        _role_of(name, "--fit-on")
-        out.extend(stratified(load_set(name, cfg.data_dir), cfg.fit_limit, seed))
-    return out
+    (say, benign prompts that look harmful), the fit is asked to lower it there (docs/generalization.md measures
+    what that does)."""
+    return [p for _, ps in _sampled(cfg.fit_on or [], cfg.fit_limit, "--fit-on", cfg.data_dir, seed) for p in ps]
 
 
 def _tuning_prompts(cfg: RepairConfig, sets, seed: int):
@@ -779,12 +780,9 @@ def _tuning_prompts(cfg: RepairConfig, sets, seed: int):
     (each stratified to ``tune_limit``), split by their role."""
     if not cfg.tune_on:
         return sets.harmful_val, sets.harmless_val
-    from aird.core.data import load_set, stratified
-
     harmful, benign = [], []
-    for name in cfg.tune_on:
-        role = _role_of(name, "--tune-on")
-        (harmful if role == "harmful" else benign).extend(stratified(load_set(name, cfg.data_dir), cfg.tune_limit, seed))
+    for role, ps in _sampled(cfg.tune_on, cfg.tune_limit, "--tune-on", cfg.data_dir, seed):
+        (harmful if role == "harmful" else benign).extend(ps)
     if not harmful or not benign:
         raise AirdError("--tune-on needs at least one harmful and one benign set.")
     return harmful, benign
