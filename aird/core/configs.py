@@ -143,6 +143,11 @@ class RepairConfig:
             raise AirdError(f"--guard-from must be {' or '.join(GUARD_FROM)}, not {self.guard_from!r}.")
         if self.guard_on not in GUARD_ON:
             raise AirdError(f"--guard-on must be {' or '.join(GUARD_ON)}, not {self.guard_on!r}.")
+        if self.fit_on:
+            from aird.core.plugins import get
+
+            if not getattr(get("repair", self.method), "fits", False):
+                raise AirdError(f"--fit-on applies to the fitting repair methods (aird-ridge*), not {self.method!r}.")
         if self.fit_positions not in FIT_POSITIONS:
             raise AirdError(f"--fit-positions must be {' or '.join(FIT_POSITIONS)}, not {self.fit_positions!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):

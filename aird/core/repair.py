@@ -502,8 +502,6 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     which = cfg.matrices()
     scorer = plugins.get("scorer", cfg.scorer) if cfg.judge == "generate" else None
     fitting = bool(getattr(repair, "fits", False))
-    if cfg.fit_on and not fitting:
-        raise AirdError(f"--fit-on applies to the fitting repair methods (aird-ridge*), not {cfg.method!r}.")
     check_scorer = scorer or plugins.get("scorer", cfg.scorer)
     ref = open_probe(reference)
     n_layers = lm.n_layers
