@@ -77,7 +77,7 @@ def test_prefix_sharing_gives_hflms_log_likelihoods(refusing):
     lm-eval's HFLM, for one-token and longer continuations, several per context and contexts of other lengths."""
     from lm_eval.models.huggingface import HFLM
 
-    from aird.core.zeroshot import prefix_sharing_lm
+    from aird.core.zeroshot import packed_loglikelihoods, prefix_sharing_lm
 
     lm = load_model(str(refusing[0]), device="cpu")
     tok = lm.tokenizer
@@ -87,11 +87,25 @@ def test_prefix_sharing_gives_hflms_log_likelihoods(refusing):
         ctx = enc(f"Question: {q}?\nAnswer:")
         for c in (" Sure", " I cannot help with that", " a way to do it step by step"):
             reqs.append(((q, c), ctx, enc(c)))
+    # a context with two one-token choices and one with a single choice: groups of every size share a batch
+    for q, conts in (("Is water wet", (" Yes", " No")), ("Name a colour", (" blue",))):
+        for c in conts:
+            reqs.append(((q, c), enc(f"Question: {q}?\nAnswer:"), enc(c)))
     ours = prefix_sharing_lm(lm.model, tok, 4, "cpu")._loglikelihood_tokens(reqs)
     ref = HFLM(pretrained=lm.model, tokenizer=tok, batch_size=4, device="cpu")._loglikelihood_tokens(reqs)
-    assert len(ours) == len(ref) == 15
+    assert len(ours) == len(ref) == 18
     for (a, ga), (b, gb) in zip(ours, ref):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    # rows packed a few at a time (small batches, padding in each) give the same numbers
+    groups: dict = {}
+    for i, (_, ctx, cont) in enumerate(reqs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    small = packed_loglikelihoods(lm.model, [(list(k), [reqs[i][2] for i in v]) for k, v in groups.items()],
+                                  pad_id=0, max_tokens=40)
+    flat = [r for res in small for r in res]
+    order = [i for v in groups.values() for i in v]
+    for (a, ga), i in zip(flat, order):
+        assert a == pytest.approx(ref[i][0], abs=1e-4) and ga == ref[i][1]
 
 
 def test_missing_task_file_is_a_clear_error(tmp_path, monkeypatch):

@@ -90,15 +90,103 @@ def write_task_configs(folder: Path, tasks: list[str], data_dir: str | None) -> 
     return names
 
 
+PACK_TOKENS = 1024   # tokens per packed forward pass (rows × longest row): where a 2-core CPU stops gaining
+
+
+def pack_group(ctx: list[int], conts: list[list[int]]):
+    """One context and its continuations as one packed row: the context, then each continuation but its last token.
+
+    Returns the row's token ids, position ids, a boolean attention matrix (query × key, True = attends: the context
+    is causal, each continuation sees the context and its own earlier tokens only, never another continuation)
+    and, per continuation, the row positions whose next-token logits score its tokens (the context's last position
+    for the first token, then the continuation's own). The same log-likelihoods as running context + continuation
+    once per choice, with the context computed once."""
+    import torch
+
+    c = len(ctx)
+    ids, pos, owner = list(ctx), list(range(c)), [-1] * c
+    reads = []
+    for j, cont in enumerate(conts):
+        start = len(ids)
+        ids += cont[:-1]
+        pos += range(c, c + len(cont) - 1)
+        owner += [j] * (len(cont) - 1)
+        reads.append([c - 1] + list(range(start, start + len(cont) - 1)))
+    n = len(ids)
+    own = torch.tensor(owner)
+    idx = torch.arange(n)
+    causal = idx[None, :] <= idx[:, None]
+    # a key is visible to a query when it is earlier in the row and either context or the query's own continuation
+    visible = causal & ((own[None, :] == -1) | (own[None, :] == own[:, None]))
+    return ids, pos, visible, reads
+
+
+def packed_loglikelihoods(net, groups: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                          max_tokens: int = PACK_TOKENS, progress=None) -> list[list[tuple[float, bool]]]:
+    """log P(continuation | context) and whether greedy decoding would produce it, for every continuation of every
+    (context, continuations) group: groups packed one per row (``pack_group``), rows of similar length batched up
+    to ``max_tokens`` (rows × longest row), logits only at the positions that score a token."""
+    import torch
+
+    packed = [pack_group(ctx, conts) for ctx, conts in groups]
+    order = sorted(range(len(groups)), key=lambda g: len(packed[g][0]))
+    batches, cur = [], []
+    for g in order:
+        if cur and (len(cur) + 1) * len(packed[g][0]) > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(g)
+    if cur:
+        batches.append(cur)
+    base = getattr(net, net.base_model_prefix)
+    head = net.get_output_embeddings()
+    cap = getattr(net.config, "final_logit_softcapping", None)
+    dev = next(net.parameters()).device
+    out: list = [None] * len(groups)
+    with torch.inference_mode():
+        for batch in batches:
+            width = max(len(packed[g][0]) for g in batch)
+            b = len(batch)
+            ids = torch.full((b, width), pad_id, dtype=torch.long)
+            pos = torch.zeros((b, width), dtype=torch.long)
+            mask = torch.eye(width, dtype=torch.bool).repeat(b, 1, 1)   # padding attends to itself only
+            for r, g in enumerate(batch):
+                t, p, v, _ = packed[g]
+                ids[r, : len(t)] = torch.tensor(t)
+                pos[r, : len(p)] = torch.tensor(p)
+                mask[r, : len(t), : len(t)] = v
+            hidden = base(input_ids=ids.to(dev), position_ids=pos.to(dev),
+                          attention_mask=mask[:, None].to(dev)).last_hidden_state
+            for r, g in enumerate(batch):
+                reads = packed[g][3]
+                at = sorted({i for rd in reads for i in rd})
+                logits = head(hidden[r, at]).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                lp = torch.log_softmax(logits, -1)
+                row = {i: k for k, i in enumerate(at)}
+                res = []
+                for rd, cont in zip(reads, groups[g][1]):
+                    sel = lp[[row[i] for i in rd]]
+                    tok = torch.tensor(cont)
+                    total = float(sel.gather(1, tok[:, None].to(sel.device)).sum())
+                    greedy = bool((sel.argmax(-1).cpu() == tok).all())
+                    res.append((total, greedy))
+                out[g] = res
+            if progress:
+                progress(b)
+    return out
+
+
 def prefix_sharing_lm(model, tokenizer, batch_size: int, device: str):
     """lm-eval's HFLM whose log-likelihoods share each context across its continuations.
 
     Multiple-choice tasks ask for log P(continuation | context) of every answer choice after the same context;
-    HFLM runs context + choice once per choice, with full-vocabulary logits at every position. This runs each
-    distinct context once (last-position logits only) and then all its continuations together from the context's
-    KV cache, with logits at the continuation positions only: the same numbers (a test checks them against HFLM
-    to 1e-4) for a fraction of the work. Contexts longer than the model's window fall back to HFLM's path."""
-    import torch
+    HFLM runs context + choice once per choice, with full-vocabulary logits at every position. This packs each
+    distinct context and all its continuations into one row (``pack_group``: each continuation attends to the
+    context and to itself), batches rows of similar length, and takes logits only at the positions that score a
+    token: the same numbers (a test checks them against HFLM to 1e-4) for a fraction of the work. Contexts longer
+    than the model's window fall back to HFLM's path."""
     from lm_eval.models.huggingface import HFLM
 
     class PrefixSharingLM(HFLM):
@@ -115,37 +203,14 @@ def prefix_sharing_lm(model, tokenizer, batch_size: int, device: str):
                 for i, r in zip(fallback, super()._loglikelihood_tokens([requests[i] for i in fallback],
                                                                          disable_tqdm=True, override_bs=override_bs)):
                     out[i] = r
-            net = self.model
-            dev = self.device
-            with torch.inference_mode():
-                for ctx, idx in groups.items():
-                    conts = [list(requests[i][2]) for i in idx]
-                    ids = torch.tensor([list(ctx)], device=dev)
-                    first = net(input_ids=ids, use_cache=True, logits_to_keep=1)
-                    lp0 = torch.log_softmax(first.logits[0, -1].float(), -1)
-                    longest = max(len(c) for c in conts)
-                    rest = None
-                    if longest > 1:
-                        k = len(conts)
-                        cache = first.past_key_values
-                        if k > 1:
-                            cache.batch_repeat_interleave(k)
-                        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-                        inp = torch.full((k, longest - 1), pad, dtype=torch.long, device=dev)
-                        mask = torch.zeros((k, len(ctx) + longest - 1), dtype=torch.long, device=dev)
-                        mask[:, : len(ctx)] = 1
-                        for j, c in enumerate(conts):
-                            inp[j, : len(c) - 1] = torch.tensor(c[:-1])
-                            mask[j, len(ctx): len(ctx) + len(c) - 1] = 1
-                        pos = torch.arange(len(ctx), len(ctx) + longest - 1, device=dev).expand(k, -1)
-                        rest = torch.log_softmax(net(input_ids=inp, attention_mask=mask, position_ids=pos,
-                                                     past_key_values=cache, use_cache=False).logits.float(), -1)
-                    for j, (i, c) in enumerate(zip(idx, conts)):
-                        rows = [lp0] + ([rest[j, t] for t in range(len(c) - 1)] if rest is not None else [])
-                        total = sum(float(row[tok]) for row, tok in zip(rows, c))
-                        greedy = all(int(row.argmax()) == tok for row, tok in zip(rows, c))
-                        out[i] = (total, greedy)
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], (total, greedy))
+            keys = list(groups)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            scored = packed_loglikelihoods(self.model, [(list(k), [list(requests[i][2]) for i in groups[k]])
+                                                        for k in keys], pad)
+            for k, res in zip(keys, scored):
+                for i, r in zip(groups[k], res):
+                    out[i] = r
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
             return out
 
     return PrefixSharingLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
