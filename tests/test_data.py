@@ -189,7 +189,7 @@ def test_quick_study_data_loads_from_the_package_alone(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["name"]: r for r in map(json.loads, res.stdout.splitlines())}
     used = data_used(resolve_config("quick"))
-    assert {"harmful_train", "harmless_test", "advbench", "alpaca", "hellaswag", "wikitext2"} <= set(used)
+    assert {"harmful_train", "harmless_test", "advbench", "xstest_safe", "hellaswag", "wikitext2"} <= set(used)
     for name in used:
         assert rows[name]["found"] == "package", name
         assert rows[name]["rows"] == CATALOGUE[name].rows == rows[name]["rows_documented"], name

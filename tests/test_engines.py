@@ -27,13 +27,14 @@ class Canned:
     chunk = 3
 
     def __init__(self, why=None):
-        self.why, self.calls, self.closed = why, [], 0
+        self.why, self.calls, self.closed, self.options = why, [], 0, None
 
     def unavailable(self, lm):
         return self.why
 
     def open(self, lm, options):
         engine = self
+        engine.options = options
 
         class S:
             info = {"startup_s": 0.0}
@@ -123,6 +124,7 @@ def test_eval_through_a_third_party_engine_records_it_and_keeps_the_score_exact(
                      batch_size=2, data_dir=str(data), seen=[], engine="canned")
     s = run_eval(lm, cfg, tmp_path / "o")
     assert canned.calls == [3, 2] and canned.closed == 1            # its chunk size, and closed once
+    assert canned.options["work_tokens"] == 5 * 4                      # the job's size: prompts × max new tokens
     assert s["over_refusal"] == {"p": 1.0} and s["engines"] == {"canned": 5}
     assert s["engine"]["engine"] == "canned"
     recs = [r for r in read_jsonl(tmp_path / "o" / "eval.jsonl") if r["record"] == "eval.prompt"]
@@ -145,6 +147,25 @@ def test_the_vllm_engine_declines_what_it_cannot_read(refusing_lm, monkeypatch):
     assert "W8A8" in eng.unavailable(w8a8)
     in_memory = type(refusing_lm)(**{**refusing_lm.__dict__, "path": ""})
     assert "local folder" in eng.unavailable(in_memory)
+
+
+def test_vllm_skips_compiling_a_small_job_on_a_cpu(refusing_lm, monkeypatch):
+    """Below EAGER_BELOW_TOKENS of work on a CPU vLLM starts in eager mode (its compile costs more than it saves);
+    a bigger job, an unknown size or the user's own enforce_eager keep what they ask for."""
+    import sys
+    import types
+
+    made = []
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kw: made.append(kw) or object()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(builtin, "servable_folder", lambda path, arch: path)
+    for opts, eager in (({"work_tokens": 400 * 32}, True), ({"work_tokens": 2000 * 32}, None), ({}, None),
+                        ({"work_tokens": 10, "enforce_eager": False}, False)):
+        s = builtin.VLLMSession(refusing_lm, opts)
+        assert made[-1].get("enforce_eager") == eager and s.info.get("enforce_eager") == eager
+    assert builtin.eager_pays("cpu", builtin.EAGER_BELOW_TOKENS - 1)
+    assert not builtin.eager_pays("cpu", builtin.EAGER_BELOW_TOKENS) and not builtin.eager_pays("cuda", 10)
 
 
 def test_servable_folder_adds_architectures_without_touching_the_model(refusing, tmp_path, monkeypatch):

@@ -624,8 +624,8 @@ def eval_cmd(
 @app.command("study")
 def study_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to study [default: the profile's, default]."),
-    quick: bool = typer.Option(False, "--quick", help="The quick profile: under 30 minutes on a 2-core CPU for the "
-                                                      "0.5B default model (small sets; see docs/study.md)."),
+    quick: bool = typer.Option(False, "--quick", help="The quick profile: about 30 minutes on a 2-core CPU for the "
+                                                      "0.5B default model (see docs/study.md)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="quick, standard (the study whose verdicts count: "
                                           "every prompt, eight compressed models) or full (the paper's sizes) "
                                           "[default: full; --quick is --profile quick]."),

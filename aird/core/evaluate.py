@@ -292,7 +292,9 @@ def _run_eval(lm: LoadedModel, cfg: EvalConfig, out: Path, suites: tuple[str, ..
     engine_info: dict = {}
     judge_s: dict[str, float] = {}
     if todo:
-        with session(cfg.engine, lm, {"batch_size": cfg.batch_size, "seed": cfg.seed, **cfg.engine_options},
+        # work_tokens: the job's size, a hint an engine may use (vLLM on a CPU skips compiling a small job)
+        with session(cfg.engine, lm, {"batch_size": cfg.batch_size, "seed": cfg.seed,
+                                      "work_tokens": len(todo) * cfg.max_new_tokens, **cfg.engine_options},
                      say=rep.note, n_prompts=len(todo)) as sess:
             engine_info = dict(sess.info)
             t_gen = time.perf_counter()

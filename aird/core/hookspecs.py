@@ -108,7 +108,9 @@ class Engine(Protocol):
     installed, a format it cannot read), or returns None; ``open(lm, options)`` returns an EngineSession whose
     ``generate`` returns ``aird.core.generate.Generation`` objects (``first_logits`` may be None: aird then
     takes the refusal score from one prefill of the loaded model, so the score is the same whichever engine
-    answered). ``auto_rank`` orders the engines ``--engine auto`` tries (lowest first)."""
+    answered). ``options`` holds ``batch_size``, ``seed``, ``work_tokens`` (prompts × max new tokens, a hint of the
+    job's size) and the user's pass-through engine options. ``auto_rank`` orders the engines ``--engine auto``
+    tries (lowest first)."""
 
     name: str
     description: str

@@ -12,8 +12,8 @@ finished) and a person can open any step's folder with the ordinary subcommands.
     OUT/<name>-<repair>/{model,probe,diff,eval}/   one per repair of a moved model
     OUT/report.md, OUT/report.html, OUT/plots/
 
-Profiles: ``quick`` (finishes on a 2-core CPU in under 30 minutes on the 0.5B default model: two
-compressions, small prompt sets, short generations, a few zero-shot examples per task) and ``full`` (the
+Profiles: ``quick`` (meant to finish on a 2-core CPU in about half an hour on the 0.5B default model: two
+compressions, 200 harmful and 200 benign prompts per model, short generations, 50 examples per zero-shot task) and ``full`` (the
 paper's grid and the usual sizes). A TOML file (``--config``) overrides any key of the profile.
 """
 
@@ -77,9 +77,13 @@ PROFILES: dict[str, dict] = {
         "repair": {"methods": ["aird-ridge"], "when": "moved", "moved_below_cosine": 0.9, "matrix": "both",
                    "alpha": "auto", "layer": "auto", "judge": "generate", "candidates": 1, "max_new_tokens": 16,
                    "check_on": []},   # the study's own evaluation is the held-out check (finding 4)
+        # evidence per model (issue: findings with statistical power): at least 200 harmful prompts (JailbreakBench's
+        # 88 unseen behaviours and 112 seeded AdvBench goals) and 200 benign ones (JailbreakBench's 97 unseen twins
+        # and 112 XSTest safe prompts), 50 examples per zero-shot task; XSTest's unsafe prompts come from a source
+        # the repair never tunes on, so finding 4 (judged on held-out sources only) gets 55 + 112 prompts, not 55
         "eval": {"harmful": ["advbench", "jailbreakbench", "xstest_unsafe"],
-                 "benign": ["jailbreakbench_benign", "xstest_safe", "alpaca"],
-                 "jailbreaks": [], "limit": 16, "task_limit": 20, "max_new_tokens": 32, "ppl_windows": 4,
+                 "benign": ["jailbreakbench_benign", "xstest_safe"],
+                 "jailbreaks": [], "limit": 112, "task_limit": 50, "max_new_tokens": 32, "ppl_windows": 8,
                  "tasks": list(ZERO_SHOT_TASKS)},
     },
     # the study whose verdicts count (issue: findings with statistical power): every AdvBench prompt,

@@ -81,6 +81,17 @@ def servable_folder(path: str | Path, architecture: str) -> Path:
 
 
 TOP_LOGPROBS = 20    # vLLM's default ceiling (max_logprobs)
+# On a CPU, vLLM's compiled graphs cost about 50 s of start-up and decode about 1.2× faster than eager mode
+# (docs/benchmarks.md: 400 prompts × 32 tokens, 2-core Xeon: eager 14.9 s + 92.8 s, compiled 64.0 s + 78.3 s), so
+# compiling pays only above roughly 27,000 generated tokens; a job is sized by prompts × max new tokens, which
+# answers fill to about 60%.
+EAGER_BELOW_TOKENS = 45_000
+
+
+def eager_pays(device_type: str, work_tokens) -> bool:
+    """Whether vLLM should skip compiling for a job of ``work_tokens`` (prompts × max new tokens; engines get it
+    as the ``work_tokens`` option): on a CPU below ``EAGER_BELOW_TOKENS``, never on a GPU or when unknown."""
+    return device_type == "cpu" and work_tokens is not None and int(work_tokens) < EAGER_BELOW_TOKENS
 
 
 class VLLMSession:
@@ -104,6 +115,8 @@ class VLLMSession:
                   "gpu_memory_utilization", "enforce_eager"):
             if options.get(k) not in (None, ""):
                 kwargs[k] = options[k]
+        if "enforce_eager" not in kwargs and eager_pays(lm.device.type, options.get("work_tokens")):
+            kwargs["enforce_eager"] = True
         self.llm = LLM(**kwargs)
         self.tokenizer = lm.tokenizer
         self.info = {"engine": "vllm", "dtype": dtype, "device": str(lm.device), "folder": str(folder),
