@@ -355,6 +355,10 @@ def test_report_shows_the_other_judges_beside_the_deciding_one(tmp_path):
     assert tables["kappa with 'substring'"] == [["original", "llm", "0.500", "0.100", "0.420"]]
     text = " ".join(b[1] for b in blocks if b[0] == "p")
     assert "the 'substring' judge's" in text and "'llm'" in text
+    # a study that names no scorer reports the judge its evaluations used (the default), not a guess
+    e.eval["scorer"] = "classifier"
+    text = " ".join(b[1] for b in _blocks(tmp_path, cfg, [e], [], [], {}) if b[0] == "p")
+    assert "the 'classifier' judge's" in text and "'substring' judge's" not in text
 
 
 def test_heldout_rows_pair_the_three_models_on_held_out_prompts_only(tmp_path):

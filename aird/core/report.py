@@ -295,13 +295,27 @@ def findings(entries: list["Entry"], cfg: dict) -> list[dict]:
     return out
 
 
+def study_judge(cfg: dict, entries: list["Entry"]) -> str:
+    """The judge whose verdicts make the study's rates: the one its configuration names, else the one its
+    evaluations recorded (the default scorer when the study names none), else today's default."""
+    named = (cfg.get("eval") or {}).get("scorer")
+    if named:
+        return named
+    used = sorted({e.eval["scorer"] for e in entries if e.eval and e.eval.get("scorer")})
+    if used:
+        return " / ".join(used)
+    from aird.core.configs import default_scorer
+
+    return default_scorer()
+
+
 def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], found: list[dict],
             plots: dict[str, str]) -> list[Block]:
     orig = next((e for e in entries if e.role == "original"), None)
     ev = cfg["eval"]
     harmful = list(ev["harmful"]) + list(ev.get("jailbreaks") or [])
     benign = list(ev["benign"])
-    judge = ev.get("scorer", "substring")
+    judge = study_judge(cfg, entries)
     others = [j for j in ev.get("judges") or [] if j != judge]
     b: list[Block] = [("h", 1, f"aird study: {cfg['model']} ({cfg['profile']} profile)")]
     b.append(("p", "Compress the model with a grid of methods, find the refusal direction of every model (difference "

@@ -32,7 +32,7 @@ from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
 from aird.core.cards import write_cards
-from aird.core.report import findings, write_report
+from aird.core.report import findings, study_judge, write_report
 from aird.core.sources import SEEN_BY_PROBE
 from aird.core.study_results import Entry, StudyResult
 from aird.core.zeroshot import ZERO_SHOT_TASKS
@@ -530,6 +530,6 @@ def _run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | N
         st.forget()
         advance(0, description="study: report")
         found = findings(entries, cfg)
-        write_cards(entries, cfg["eval"].get("scorer", "substring"))
+        write_cards(entries, study_judge(cfg, entries))
         report = write_report(out, cfg, entries, st.steps, found)
     return StudyResult(out, cfg, entries, st.steps, report, found, round(time.perf_counter() - t0, 3))
