@@ -22,6 +22,8 @@ OWN = {"methods": "repair plugins to run on each compressed model", "when": "whi
        "moved_below_cosine": "cosine under which a direction counts as moved", "matrix": "attn, mlp or both",
        "alpha": "edit strength, or auto", "layer": "a layer index, auto, gap, or omitted: the one below the source"}
 TOP = {"model": "named model, model folder, .gguf file or hub id", "seed": "seed of every sampled set",
+       "keep_models": "false: remove each compressed and repaired model's weights once its steps are done (sha256 "
+                      "kept for the cards), so one model's folders are on disk at a time (aird study --drop-models)",
        "grid": "the compressions: a list of {name, method, params, only_on}; name is the model's folder"}
 
 
@@ -71,6 +73,8 @@ def render() -> str:
            "# scripts/study_toml.py from aird/core/configs.py and the profiles in aird/core/study.py.", ""]
     for key in ("model", "seed"):
         out += line(key, study._TOP[key], full[key], TOP[key], True)
+    for key, default in study._OPTIONAL_TOP.items():
+        out += line(key, study._TOP[key], default, TOP[key], False)
     out += ["", f"# grid (list of tables): {TOP['grid']}", "grid = ["]
     out += [f"  {toml_value(g)}," for g in full["grid"]]
     out += ["]", ""]

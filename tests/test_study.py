@@ -99,6 +99,49 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     assert f"{by['mag-50'].eval['asr']['harmful_val']:.3f}" in md
 
 
+def test_keep_models_false_drops_each_models_weights_once_it_is_done(refusing, tmp_path, monkeypatch):
+    """keep_models = false: each compressed model is repaired right after its evaluation and then its weights and
+    its repairs' go (digests kept beside), before the next compression; the cards keep the digests, and a rerun
+    resumes every step without the weights."""
+    import hashlib
+
+    pytest.importorskip("lm_eval")
+    model_dir, data = refusing
+    path = _config(tmp_path, data, model_dir)
+    path.write_text(path.read_text().replace(f'model = "{model_dir}"\n', f'model = "{model_dir}"\nkeep_models = false\n'))
+    cfg = resolve_config("quick", path)
+    assert cfg["keep_models"] is False
+    seen = {}
+    real = study_mod.drop_weights
+
+    def spy(folder):
+        seen[str(folder)] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in
+                             sorted(study_mod.Path(folder).glob("*.safetensors"))}
+        return real(folder)
+
+    monkeypatch.setattr(study_mod, "drop_weights", spy)
+    res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=str(data))
+    steps = [s["step"] for s in res.steps]
+    # mag-50 repaired (and dropped) before rtn-8 is made; the report keeps its order of models
+    assert steps.index("eval mag-50-aird-ridge-sparse") < steps.index("compress rtn-8")
+    assert [e.name for e in res.entries] == ["original", "mag-50", "rtn-8", "mag-50-aird-ridge-sparse",
+                                             "rtn-8-aird-ridge-sparse"]
+    for e in res.entries[1:]:
+        folder = study_mod.Path(e.model_path)
+        assert not list(folder.glob("*.safetensors")) and (folder / "config.json").is_file()
+        card = json.loads((e.folder / "card.json").read_text())
+        assert card["weights_sha256"] == seen[e.model_path] and card["weights_sha256"]
+    assert list(study_mod.Path(model_dir).glob("*.safetensors"))          # the original is never touched
+    def no_load(*a, **k):
+        raise AssertionError("a finished step loaded a model")
+
+    parent = seen[res.entries[1].model_path]
+    monkeypatch.setattr("aird.core.loading.load_model", no_load)
+    again = run_study(cfg, tmp_path / "out", device="cpu", data_dir=str(data))
+    assert [s["seconds"] for s in again.steps] == [s["seconds"] for s in res.steps]   # every step reused
+    assert json.loads((again.entries[3].folder / "card.json").read_text())["parent_weights_sha256"] == parent
+
+
 def test_every_model_gets_a_safety_card(finished):
     """card.json per model: its weights' sha256 and its parent's, how it was made, and its paired changes
     against its parent and the original, equal to hand tallies of the two models' per-prompt records."""

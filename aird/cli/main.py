@@ -643,6 +643,9 @@ def study_cmd(
     pipeline_parallel_size: Optional[int] = PP_OPT,
     distributed_executor_backend: Optional[str] = EXECUTOR_OPT,
     trust_remote_code: bool = TRUST_OPT,
+    drop_models: bool = typer.Option(False, "--drop-models", help="Remove each compressed and repaired model's "
+                                     "weights once its steps are done (their sha256 kept for the cards): one "
+                                     "model's folders on disk at a time (study key keep_models = false)."),
     force: bool = typer.Option(False, "--force", help="Start the study in --out again from nothing."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -660,7 +663,8 @@ def study_cmd(
         ev = {**({"engine": engine} if engine else {}),
               **({"engine_options": o} if (o := engine_options(tensor_parallel_size, pipeline_parallel_size,
                                                                distributed_executor_backend)) else {})}
-        cfg = resolve_config(profile, config, {"model": model, "seed": seed, "eval": ev or None}, cuda=cuda)
+        cfg = resolve_config(profile, config, {"model": model, "seed": seed, "eval": ev or None,
+                                               "keep_models": False if drop_models else None}, cuda=cuda)
         out = out or Path("runs") / f"study-{_slug(cfg['model'])}-{profile}"
         check_writable_folder(out)
         res = run_study(cfg, out, force=force, reporter=RichReporter(), device=device,

@@ -22,6 +22,23 @@ CARD_JSON = "card.json"
 CARD_SCHEMA = 1
 
 
+DROPPED_WEIGHTS = "dropped-weights.sha256.json"   # in a model folder whose weights a study removed
+
+
+def drop_weights(folder: str | Path) -> dict[str, str]:
+    """Remove a model folder's weights files, first writing their sha256 beside (``DROPPED_WEIGHTS``), which
+    ``weights_sha256`` then returns: the folder keeps its configuration, tokenizer and records, the card its
+    digests. Returns the digests."""
+    folder = Path(folder)
+    digests = weights_sha256(folder)
+    if not (folder / DROPPED_WEIGHTS).is_file():
+        atomic_write_text(folder / DROPPED_WEIGHTS, json.dumps(digests, indent=1) + "\n")
+    for f in folder.iterdir():
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf"):
+            f.unlink()
+    return digests
+
+
 def weights_sha256(folder: str | Path | None) -> dict[str, str]:
     """sha256 of every weights file (``*.safetensors``, ``*.bin``, ``*.gguf``) of a model folder, by file name;
     empty for a folder that is not on disk. (``write_cards`` reuses a card's digests while the files' sizes and
@@ -29,6 +46,9 @@ def weights_sha256(folder: str | Path | None) -> dict[str, str]:
     folder = _folder(folder)
     if folder is None:
         return {}
+    kept = folder / DROPPED_WEIGHTS
+    if kept.is_file():      # the study dropped the weights (keep_models = false) and kept their digests
+        return json.loads(kept.read_text())
     out = {}
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf"):

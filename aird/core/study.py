@@ -31,7 +31,7 @@ from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
 from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
-from aird.core.cards import write_cards
+from aird.core.cards import drop_weights, write_cards
 from aird.core.report import findings, study_judge, write_report
 from aird.core.sources import SEEN_BY_PROBE
 from aird.core.study_results import Entry, StudyResult
@@ -142,7 +142,11 @@ _STUDY_SETS = ("seed", "data_dir", "device")
 _REPAIR_OWN = {"methods": list[str], "when": str, "moved_below_cosine": float, "matrix": str, "alpha": "float | str",
                "layer": "int | str | None"}
 _GRID_KEYS = {"name": str, "method": str, "params": dict, "only_on": str}
-_TOP = {"model": str, "seed": int, "grid": list, "calibration": dict, "probe": dict, "repair": dict, "eval": dict}
+_TOP = {"model": str, "seed": int, "grid": list, "calibration": dict, "probe": dict, "repair": dict, "eval": dict,
+        "keep_models": bool}
+# keys a study file may set that no profile sets (their default applies when left out, and a study that leaves
+# them out keeps the configuration it had before they existed, so its folder still resumes)
+_OPTIONAL_TOP = {"keep_models": True}
 
 
 def _hints(cls) -> dict:
@@ -250,7 +254,7 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
             user = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise AirdError(f"study config {path} is not valid TOML: {exc}.") from None
-        unknown = sorted(set(user) - set(cfg))
+        unknown = sorted(set(user) - set(cfg) - set(_OPTIONAL_TOP))
         if unknown:
             raise AirdError(f"study config {path} has unknown key {unknown[0]!r}; known: {', '.join(sorted(cfg))}.")
         cfg = _merge(cfg, user)
@@ -507,26 +511,34 @@ def _run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | N
         entries.append(original)
         st.probe(original)
         st.evaluate(original)
-        compressed = []
+        compressed, repaired = [], []
+        rc = cfg["repair"]
+        keep = cfg.get("keep_models", _OPTIONAL_TOP["keep_models"])
+        # each compressed model is repaired right after its own evaluation, so that with keep_models = false its
+        # weights (and its repairs') can go before the next model is made: one model's folders on disk at a time
         for g in cfg["grid"]:
             e = st.compress(g, original)
-            entries.append(e)
             compressed.append(e)
             st.probe(e)
             st.diff(e, original)
             st.evaluate(e)
-        rc = cfg["repair"]
-        for e in compressed:
             todo = rc["when"] == "all" or (rc["when"] == "moved" and moved(e.diff, rc["moved_below_cosine"]))
+            mine = []
             for method in rc["methods"]:
                 if not todo:
                     advance(4)
                     continue
                 r = st.repair(method, e, original)
-                entries.append(r)
+                mine.append(r)
                 st.probe(r)
                 st.diff(r, original)
                 st.evaluate(r)
+            repaired += mine
+            if not keep:
+                st.forget()
+                for m in [e, *mine]:
+                    drop_weights(m.model_path)
+        entries += compressed + repaired
         st.forget()
         advance(0, description="study: report")
         found = findings(entries, cfg)
