@@ -23,6 +23,11 @@ CARD_SCHEMA = 1
 
 
 DROPPED_WEIGHTS = "dropped-weights.sha256.json"   # in a model folder whose weights a study removed
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
 
 
 def drop_weights(folder: str | Path) -> dict[str, str]:
@@ -33,9 +38,8 @@ def drop_weights(folder: str | Path) -> dict[str, str]:
     digests = weights_sha256(folder)
     if not (folder / DROPPED_WEIGHTS).is_file():
         atomic_write_text(folder / DROPPED_WEIGHTS, json.dumps(digests, indent=1) + "\n")
-    for f in folder.iterdir():
-        if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf"):
-            f.unlink()
+    for f in _weights_files(folder):
+        f.unlink()
     return digests
 
 
@@ -50,13 +54,12 @@ def weights_sha256(folder: str | Path | None) -> dict[str, str]:
     if kept.is_file():      # the study dropped the weights (keep_models = false) and kept their digests
         return json.loads(kept.read_text())
     out = {}
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf"):
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-            out[f.name] = h.hexdigest()
+    for f in _weights_files(folder):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
     return out
 
 
@@ -134,8 +137,7 @@ def _stamp(folder: str | None) -> list:
     folder = _folder(folder)
     if folder is None:
         return []
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
-            if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf")]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _weights_files(folder)]
 
 
 def write_cards(entries: list[Entry], judge: str) -> list[dict]:
