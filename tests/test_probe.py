@@ -43,6 +43,24 @@ def test_probe_finds_a_direction_that_mediates_refusal(refusing, refusing_lm, tm
     assert sum(best["bypass_scores"]) / len(best["bypass_scores"]) == pytest.approx(s["quality"]["bypass"], abs=1e-3)
     lo, hi = s["quality"]["bypass_ci"]
     assert lo <= s["quality"]["bypass"] <= hi < 0
+    # mediation, on every sampled validation prompt: ablation removes most of the harmful-harmless gap
+    m = s["mediation"]
+    assert m["n_harmful"] == len(m["ablated_scores"]) == 16 and m["refused"] > m["refused_ablated"]
+    assert m["harmless_refusal_score"] < m["ablated_refusal_score"] < 0 < m["harmful_refusal_score"]
+    assert m["gap_removed"] == pytest.approx((m["harmful_refusal_score"] - m["ablated_refusal_score"])
+                                             / (m["harmful_refusal_score"] - m["harmless_refusal_score"]))
+    assert m["gap_removed_ci"][0] > 0.5 and m["change_ci"][1] < 0
+    assert m["mcnemar_p"] < 0.05
+    # a probe finished before mediation was recorded gets it on a rerun, the rest untouched
+    jsonl = tmp_path / "p" / "probe.jsonl"
+    recs = read_jsonl(jsonl)
+    for r in recs:
+        r.pop("mediation", None)
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    again = run_probe(refusing_lm, cfg(data), tmp_path / "p")
+    assert again.resumed and again.summary["mediation"] == m
+    assert [r["record"] for r in read_jsonl(jsonl)] == [r["record"] for r in recs]
+    assert next(r for r in read_jsonl(jsonl) if r["record"] == "probe.summary")["mediation"] == m
     # the saved direction really does it: ablating it stops refusals of harmful validation prompts
     summary, direction, _ = load_probe(tmp_path / "p")
     lm = refusing_lm

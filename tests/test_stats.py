@@ -77,3 +77,20 @@ def test_directional_and_combined_verdicts():
     assert stats.combine(["holds", "inconclusive"]) == "inconclusive"
     assert stats.combine(["holds", "does not hold"]) == "does not hold"
     assert stats.combine(["not tested"]) == "not tested"
+
+
+def test_gap_removed_share_and_its_interval():
+    harmless = [-3.0, -3.5, -2.5, -3.0]                       # mean −3
+    base = [1.0, 0.0, -1.0, 0.0, 1.0, -1.0]                   # mean 0: the gap is 3
+    # ablation takes every harmful prompt 3 lower: exactly the gap, with no spread in the change
+    r = stats.gap_removed(base, [b - 3 for b in base], harmless)
+    assert r["estimate"] == pytest.approx(1.0) and r["n_harmful"] == 6 and r["n_harmless"] == 4
+    lo, hi = r["ci"]
+    assert lo < 1.0 < hi                                      # the gap itself is resampled: an interval
+    # nothing removed: 0; half removed on average
+    assert stats.gap_removed(base, base, harmless)["estimate"] == 0
+    assert stats.gap_removed(base, [b - 1.5 for b in base], harmless)["estimate"] == pytest.approx(0.5)
+    # harmful prompts scoring below the harmless ones: no gap, no share
+    assert stats.gap_removed([-4.0, -5.0], [-6.0, -7.0], harmless)["estimate"] is None
+    with pytest.raises(ValueError):
+        stats.gap_removed(base, base[:-1], harmless)

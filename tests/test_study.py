@@ -289,7 +289,7 @@ def test_findings_follow_the_numbers(tmp_path):
     _with_tasks(entries[-1], tmp_path / "r", qs, [1001.0 + i for i in range(10)])
     f = {x["finding"][0]: x for x in findings(entries, {})}
     assert all(x["test"] for x in f.values())              # every verdict names its test
-    assert f["1"]["verdict"] == "holds" and "95% CI -1.40, -0.60; n 24" in f["1"]["evidence"]
+    assert f["1"]["verdict"] == "holds" and "95% CI -1.40, -0.60; n 24 filtered prompts" in f["1"]["evidence"]
     assert f["2"]["verdict"] == "holds" and "pruning 0.650" in f["2"]["evidence"] and "p 0.029" in f["2"]["evidence"]
     assert f["3"]["verdict"] == "holds" and "ρ 1.00 over 7" in f["3"]["evidence"]
     # finding 4 is decided on paired per-prompt records (test below): summaries alone do not test it
@@ -326,6 +326,41 @@ def test_findings_are_inconclusive_when_the_data_cannot_decide(tmp_path):
     assert [f[k]["verdict"] for k in "125"] == ["inconclusive"] * 3
     assert "the smallest p these 1 + 1 models allow: 0.5" in f["2"]["evidence"]
     assert f["3"]["verdict"] == "not tested" and "needs at least 3" in f["3"]["evidence"]
+
+
+def _mediated(e, removed, lo, hi):
+    e.probe["mediation"] = {"n_harmful": 24, "n_harmless": 24, "harmful_refusal_score": -0.9,
+                            "ablated_refusal_score": -0.9 - 2.3 * removed, "harmless_refusal_score": -3.2,
+                            "gap_removed": removed, "gap_removed_ci": [lo, hi], "refused": 3, "refused_ablated": 0,
+                            "mcnemar_p": 0.25}
+    return e
+
+
+def test_finding_one_reads_the_mediation_of_every_validation_prompt():
+    """With a mediation record (every sampled validation prompt), finding 1 is decided by the share of the
+    harmful–harmless gap that ablation removes, not by the few prompts the reference filter keeps: the interval
+    above 1/2 holds even where the filtered interval (n 3) could not decide, below 1/2 does not hold, across
+    it is inconclusive; a probe without the record still uses the filtered prompts."""
+    def f1(*prunes):
+        es = [_e("original", "original")] + list(prunes)
+        return next(x for x in findings(es, {}) if x["finding"][0] == "1")
+
+    wide = dict(bypass_ci=[-6.8, 3.7])                      # the filtered prompts alone cannot decide
+    r = f1(_mediated(_e("p", "compressed", "pruning", cos=0.8, **wide), 1.78, 1.2, 2.4))
+    assert r["verdict"] == "holds" and "removing 178% of the gap [95% CI 120%, 240%]" in r["evidence"]
+    assert "all 24 harmful and 24 harmless" in r["evidence"] and "above 1/2" in r["test"]
+    r = f1(_mediated(_e("p", "compressed", "pruning", cos=0.8), 0.2, 0.05, 0.4))
+    assert r["verdict"] == "does not hold"
+    r = f1(_mediated(_e("p", "compressed", "pruning", cos=0.8), 0.6, 0.3, 0.9))
+    assert r["verdict"] == "inconclusive"
+    # one model with the record, one without: both tests are named, the old probe judged on its filtered prompts
+    r = f1(_mediated(_e("p", "compressed", "pruning", cos=0.8), 1.5, 1.1, 1.9),
+           _e("q", "compressed", "quantization", cos=0.99, **wide))
+    assert r["verdict"] == "inconclusive" and "filtered prompts" in r["evidence"] and "mediation record" in r["test"]
+    # no gap to remove: the model does not refuse, nothing to test
+    e = _mediated(_e("p", "compressed", "pruning", cos=0.8), 0.0, 0.0, 0.0)
+    e.probe["mediation"].update(gap_removed=None, gap_removed_ci=None)
+    assert f1(e)["verdict"] == "not tested"
 
 
 def test_repair_when_moved_only(monkeypatch):

@@ -33,7 +33,7 @@ from aird.core.loading import LoadedModel
 from aird.core.progress import Reporter
 from aird.core.reliability import texts_fingerprint
 from aird.core.configs import ProbeConfig  # noqa: F401  (re-exported: aird.core.probe.ProbeConfig)
-from aird.core.stats import mean_ci
+from aird.core.stats import gap_removed, mcnemar_exact, mean_ci, paired_bootstrap
 from aird.core.candidates import Scores, ValSet, attribution_bypass, score_candidate
 
 PROBE_JSONL = "probe.jsonl"
@@ -109,6 +109,40 @@ def prepare_validation(lm: LoadedModel, cfg: ProbeConfig, sets: PromptSets, refu
     return val, baseline, hv_k, bv_k
 
 
+def mediation(lm: LoadedModel, cfg: ProbeConfig, sets: PromptSets, direction: torch.Tensor, refusal_ids: list[int],
+              rep: Reporter | None = None) -> dict:
+    """How much of refusal the chosen direction carries, on every sampled validation prompt (not only those the
+    reference filter keeps): each harmful prompt's refusal score with and without the direction ablated, the
+    share of the harmful–harmless gap the ablation removes (with its bootstrap interval), and how many harmful
+    prompts score above 0 (the model's first token more likely a refusal than not) before and after, with the
+    exact McNemar test of that change. Finding 1 of a study reads it."""
+    rep = rep or Reporter()
+    hv = format_prompts(lm, sets.harmful_val, cfg.system_prompt)
+    bv = format_prompts(lm, sets.harmless_val, cfg.system_prompt)
+    with rep.stage("mediation (all validation prompts)", 2 * len(hv) + len(bv)) as advance:
+        base = refusal_scores(last_logits(lm, make_batches(lm, hv + bv, cfg.batch_size), progress=advance),
+                              refusal_ids)
+        abl = refusal_scores(last_logits(lm, make_batches(lm, hv, cfg.batch_size),
+                                         context=lambda b: hooks.ablate(lm, direction), progress=advance),
+                             refusal_ids)
+    bh, bb, ah = base[: len(hv)].tolist(), base[len(hv):].tolist(), abl.tolist()
+    newly_answered = sum(b > 0 >= a for b, a in zip(bh, ah))
+    newly_refused = sum(a > 0 >= b for b, a in zip(bh, ah))
+    change = paired_bootstrap([bh], [ah], seed=cfg.seed)
+    gap = gap_removed(bh, ah, bb, seed=cfg.seed)
+    return {
+        "n_harmful": len(bh), "n_harmless": len(bb),
+        "harmful_refusal_score": sum(bh) / len(bh), "ablated_refusal_score": sum(ah) / len(ah),
+        "harmless_refusal_score": sum(bb) / len(bb),
+        "change": change["estimate"], "change_ci": list(change["ci"]),
+        "gap_removed": gap["estimate"], "gap_removed_ci": gap["ci"],
+        "refused": sum(v > 0 for v in bh), "refused_ablated": sum(v > 0 for v in ah),
+        "newly_answered": newly_answered, "newly_refused": newly_refused,
+        "mcnemar_p": mcnemar_exact(newly_answered, newly_refused),
+        "harmful_scores": [round(v, 4) for v in bh], "ablated_scores": [round(v, 4) for v in ah],
+    }
+
+
 def config_from_record(config: dict) -> ProbeConfig:
     """The ProbeConfig a probe.jsonl record was written with."""
     fields = ProbeConfig.__dataclass_fields__
@@ -165,6 +199,15 @@ def _run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False
     check_resumable(records, config, jsonl, ignore=NON_SEMANTIC)
     done = next((r for r in records if r["record"] == "probe.summary"), None)
     if done is not None:
+        if "mediation" not in done and (out / DIRECTIONS).is_file():
+            # a probe finished before aird recorded mediation: add it (the chosen direction is on disk)
+            t = time.perf_counter()
+            dirs = load_tensors(out / DIRECTIONS)["directions"]
+            vec = dirs[done["source"]["layer"], done["positions"].index(done["source"]["position"])]
+            done["mediation"] = mediation(lm, cfg, sets, vec, lm.adapter.refusal_token_ids(lm.tokenizer),
+                                          reporter or Reporter())
+            done["timings"] = {**done.get("timings", {}), "mediation": round(time.perf_counter() - t, 3)}
+            write_jsonl(jsonl, [done if r["record"] == "probe.summary" else r for r in records])
         return ProbeResult(out, done, [r for r in records if r["record"] == "probe.candidate"], resumed=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -336,6 +379,8 @@ def _run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False
         if not passing:
             raise AirdError("every candidate direction scored NaN; the activations may be degenerate.")
     best = min(passing, key=lambda r: r["bypass"])
+    with sw("mediation"):
+        med = mediation(lm, cfg, sets, directions[best["layer"], pidx[best["position"]]], refusal_ids, rep)
     timings["total"] = round(time.perf_counter() - t0, 3)
     summary = run.record(
         "probe.summary",
@@ -349,6 +394,7 @@ def _run_probe(lm: LoadedModel, cfg: ProbeConfig, out: Path, force: bool = False
         baseline={k: baseline[k] for k in ("harmful_refusal_score", "harmless_refusal_score",
                                            "harmful_refused_share", "harmless_refused_share")},
         filters_relaxed=relaxed,
+        mediation=med,
         n_candidates=len(candidates),
         n_scored=len(scored),
         selection="exhaustive" if cfg.exhaustive else f"best-first by attribution proxy, {cfg.top_k} passing",

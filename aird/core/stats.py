@@ -113,6 +113,36 @@ def mean_ci(values: Sequence[float], iters: int = 2000, seed: int = 0) -> dict:
     return {**r, "ci": list(r["ci"])}
 
 
+def gap_removed(base_harmful: Sequence[float], ablated_harmful: Sequence[float], base_harmless: Sequence[float],
+                iters: int = 2000, seed: int = 0) -> dict:
+    """The share of the harmful–harmless gap in refusal score that ablating a direction removes:
+    mean(base_h − ablated_h) / (mean(base_h) − mean(base_b)), with its 95% percentile bootstrap interval
+    (harmful prompts resampled in pairs, harmless ones independently). 1 means ablation brings the harmful
+    prompts down to the harmless ones' level; above 1, below it. None when there is no positive gap."""
+    bh, ah, bb = list(base_harmful), list(ablated_harmful), list(base_harmless)
+    if len(bh) != len(ah):
+        raise ValueError("gap_removed: baseline and ablated scores must be of the same prompts")
+    if not bh or not bb:
+        return {"estimate": None, "ci": None, "n_harmful": len(bh), "n_harmless": len(bb), "iters": iters}
+
+    def share(h_idx, b_idx):
+        gap = sum(bh[i] for i in h_idx) / len(h_idx) - sum(bb[i] for i in b_idx) / len(b_idx)
+        if gap <= 0:
+            return None
+        return sum(bh[i] - ah[i] for i in h_idx) / len(h_idx) / gap
+
+    est = share(range(len(bh)), range(len(bb)))
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(iters):
+        v = share([rng.randrange(len(bh)) for _ in bh], [rng.randrange(len(bb)) for _ in bb])
+        draws.append(-math.inf if v is None else v)   # no gap in a resample: nothing removed counts lowest
+    draws.sort()
+    lo, hi = draws[int(0.025 * iters)], draws[min(iters - 1, int(math.ceil(0.975 * iters)) - 1)]
+    return {"estimate": est, "ci": None if est is None else [None if math.isinf(x) else x for x in (lo, hi)], "n_harmful": len(bh),
+            "n_harmless": len(bb), "iters": iters}
+
+
 def perplexity_ratio(before_nll: Sequence[float], after_nll: Sequence[float], tokens_per_window: int,
                      iters: int = 2000, seed: int = 0) -> dict:
     """Paired bootstrap of the perplexity ratio after/before over evaluation windows of ``tokens_per_window``
