@@ -99,6 +99,37 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     assert f"{by['mag-50'].eval['asr']['harmful_val']:.3f}" in md
 
 
+def test_a_rerun_adds_mediation_to_a_probe_finished_without_it(finished, monkeypatch):
+    """A study folder whose probes predate the mediation record gets it on a rerun: the model is loaded for
+    that alone, the summary otherwise unchanged, the steps reused, finding 1 decided on it."""
+    from aird.core.artifacts import read_jsonl, write_jsonl
+
+    res, cfg, tmp, data = finished
+    e = next(x for x in res.entries if x.name == "rtn-8")
+    jsonl = e.folder / "probe" / "probe.jsonl"
+    recs = read_jsonl(jsonl)
+    summary = next(r for r in recs if r["record"] == "probe.summary")
+    assert "mediation" in summary                          # written by this version's probe
+    write_jsonl(jsonl, [{k: v for k, v in r.items() if k != "mediation"} for r in recs])
+    loaded = []
+    real = study_mod._Study.lm
+
+    def spy(self, path):
+        loaded.append(path)
+        return real(self, path)
+
+    monkeypatch.setattr(study_mod._Study, "lm", spy)
+    again = run_study(cfg, res.out, device="cpu", data_dir=str(data))
+    assert loaded == [e.model_path]
+    after = next(r for r in read_jsonl(jsonl) if r["record"] == "probe.summary")
+    assert after["mediation"]["gap_removed"] == pytest.approx(summary["mediation"]["gap_removed"], abs=1e-6)
+    assert {k: v for k, v in after.items() if k not in ("mediation", "timings")} == \
+        {k: v for k, v in summary.items() if k not in ("mediation", "timings")}
+    assert [s["seconds"] for s in again.steps] == [s["seconds"] for s in res.steps]
+    f1 = next(f for f in again.findings if f["finding"][0] == "1")
+    assert "rtn-8: on all" in f1["evidence"] and "of the gap" in f1["evidence"]
+
+
 def test_keep_models_false_drops_each_models_weights_once_it_is_done(refusing, tmp_path, monkeypatch):
     """keep_models = false: each compressed model is repaired right after its evaluation and then its weights and
     its repairs' go (digests kept beside), before the next compression; the cards keep the digests, and a rerun

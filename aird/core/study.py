@@ -31,7 +31,7 @@ from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
 from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
-from aird.core.cards import drop_weights, write_cards
+from aird.core.cards import DROPPED_WEIGHTS, drop_weights, write_cards
 from aird.core.report import findings, study_judge, write_report
 from aird.core.sources import SEEN_BY_PROBE
 from aird.core.study_results import Entry, StudyResult
@@ -280,6 +280,13 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
     return cfg
 
 
+def _has_weights(model_path: str) -> bool:
+    """Whether a study model can still be loaded: a model folder whose weights ``--drop-models`` removed cannot
+    (the original, named by a spec or a path, always can)."""
+    p = Path(model_path)
+    return not p.is_dir() or not (p / DROPPED_WEIGHTS).is_file()
+
+
 def _summary(path: Path, record: str) -> dict | None:
     if not path.is_file():
         return None
@@ -339,13 +346,15 @@ class _Study:
 
         def go() -> dict:
             done = _summary(e.folder / "probe" / PROBE_JSONL, "probe.summary")
-            if done is not None:
+            if done is not None and ("mediation" in done or not _has_weights(e.model_path)):
                 return {**done, "resumed": True}
+            # (a probe finished before aird recorded mediation gets it now: run_probe adds it on resume)
             lm = self.lm(e.model_path)
             pc = ProbeConfig(seed=self.cfg["seed"], data_dir=self.data_dir, device=self.device,
                              **self.cfg["probe"])
             pc.dtype = lm.info["dtype"]
-            return run_probe(lm, pc, e.folder / "probe", reporter=self.rep).summary
+            res = run_probe(lm, pc, e.folder / "probe", reporter=self.rep)
+            return {**res.summary, "resumed": True} if res.resumed else res.summary
 
         e.probe = self.step(f"probe {e.name}", go)
         return e.probe
