@@ -17,7 +17,7 @@ TOML = """
 seed = 3
 grid = [
   {{name = "mag-50", method = "magnitude", params = {{sparsity = 0.5}}}},
-  {{name = "rtn-8", method = "rtn", params = {{bits = 8}}}},
+  {{name = "rtn-8", method = "rtn", params = {{bits = 8}}, repairs = ["aird-ridge-grid"]}},
 ]
 [calibration]
 calib_samples = 4
@@ -67,14 +67,14 @@ def finished(refusing, tmp_path_factory):
 def test_study_runs_every_step_and_writes_the_report(finished):
     res, cfg, tmp, _ = finished
     names = [e.name for e in res.entries]
-    assert names == ["original", "mag-50", "rtn-8", "mag-50-aird-ridge-sparse", "rtn-8-aird-ridge-sparse"]
+    assert names == ["original", "mag-50", "rtn-8", "mag-50-aird-ridge-sparse", "rtn-8-aird-ridge-grid"]
     steps = [s["step"] for s in res.steps]
     assert steps[:2] == ["probe original", "eval original"]
     for n in ("mag-50", "rtn-8"):
         for kind in ("compress", "probe", "diff", "eval"):
             assert f"{kind} {n}" in steps
-        for kind in ("repair", "probe", "diff", "eval"):
-            assert f"{kind} {n}-aird-ridge-sparse" in steps
+        for kind in ("repair", "probe", "diff", "eval"):     # rtn-8 names its own repair: on the grid
+            assert f"{kind} {n}-aird-ridge-{'grid' if n == 'rtn-8' else 'sparse'}" in steps
     assert all(s["seconds"] >= 0 and not s["resumed"] for s in res.steps)
     by = {e.name: e for e in res.entries}
     assert by["mag-50"].compress["sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -95,6 +95,12 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     assert (res.out / "plots" / "refusal_scores.png").stat().st_size > 0
     assert "mag-50/diff/diff.png" in md
     assert "is the 'substring' judge's" in md   # the report names the judge behind its verdicts
+    # each compression beside its repair at the same budget; the grid repair keeps every weight on the grid
+    assert by["rtn-8-aird-ridge-grid"].repair["grid"]["on_grid"] is True
+    assert "## Compression variants at the same budget" in md and "### magnitude, 0.5 sparsity" in md
+    assert "### rtn, int8" in md and "| rtn-8-aird-ridge-grid | + aird-ridge-grid | " in md
+    achieved = f"{by['rtn-8'].compress['bits']} bits, on the grid"       # measured from the written codes
+    assert f"| rtn-8-aird-ridge-grid | + aird-ridge-grid | {achieved} |" in md
     # the report's ASR is the eval summary's
     assert f"{by['mag-50'].eval['asr']['harmful_val']:.3f}" in md
 
@@ -156,7 +162,7 @@ def test_keep_models_false_drops_each_models_weights_once_it_is_done(refusing, t
     # mag-50 repaired (and dropped) before rtn-8 is made; the report keeps its order of models
     assert steps.index("eval mag-50-aird-ridge-sparse") < steps.index("compress rtn-8")
     assert [e.name for e in res.entries] == ["original", "mag-50", "rtn-8", "mag-50-aird-ridge-sparse",
-                                             "rtn-8-aird-ridge-sparse"]
+                                             "rtn-8-aird-ridge-grid"]
     for e in res.entries[1:]:
         folder = study_mod.Path(e.model_path)
         assert not list(folder.glob("*.safetensors")) and (folder / "config.json").is_file()
@@ -261,6 +267,8 @@ def test_config_errors():
     ("grid = [{name = '..', method = 'rtn'}]\n", "plain folder name"),
     ("grid = [{name = 'a/b', method = 'rtn'}]\n", "plain folder name"),
     ("grid = [{name = 'a', method = 'rtn', parms = {bits = 8}}]\n", "unknown key 'parms'"),
+    ("grid = [{name = 'a', method = 'rtn', repairs = ['nope']}]\n", "unknown repair 'nope'"),
+    ("grid = [{name = 'a', method = 'rtn', repairs = 'aird'}]\n", "repairs must be list"),
 ])
 def test_bad_study_config_is_one_sentence(tmp_path, text, msg):
     p = tmp_path / "s.toml"
@@ -520,3 +528,47 @@ def test_a_refusal_preserving_grid_entry_protects_the_studys_own_original_direct
     seen.clear()
     st.compress({"name": "w", "method": "wanda", "params": {"sparsity": 0.5}}, original)
     assert "reference" not in seen                                  # plain methods take none
+
+
+def test_variants_table_sets_each_variant_beside_the_plain_compression(tmp_path):
+    """Compression variants at the same budget (issue: beyond repair): the plain Wanda 50%, its repair and the
+    refusal-preserving Wanda 50% in one group, each with its paired change against the plain model counted by
+    hand; RTN int8 without a variant makes no group; a repair's time adds the compression's."""
+    from aird.core.artifacts import write_jsonl
+    from aird.core.report import variant_groups, variant_rows
+
+    def evaluated(e, refused):
+        (tmp_path / e.name / "eval").mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / e.name / "eval" / "eval.jsonl",
+                    [{"record": "eval.prompt", "set": "advbench", "role": "harmful", "index": i, "prompt": f"p{i}",
+                      "origin": "advbench", "refused": r} for i, r in enumerate(refused)])
+        e.folder = tmp_path / e.name
+        e.eval["asr"] = {"advbench": sum(not r for r in refused) / len(refused)}
+        return e
+
+    def comp(name, method, **params):
+        e = _e(name, "compressed", "pruning" if "sparsity" in params else "quantization", cos=0.8, asr=0.5)
+        e.compress = {"method": method, "kind": e.kind, "params": params, "sparsity": params.get("sparsity", 0.0),
+                      "bits": params.get("bits")}
+        return e
+
+    plain = evaluated(comp("wanda-50", "wanda", sparsity=0.5), [False] * 10)
+    rp = evaluated(comp("wanda-50-rp", "wanda-rp", sparsity=0.5, reference="p"), [True] * 7 + [False] * 3)
+    rep = evaluated(_e("wanda-50-aird-ridge", "repaired", "repair", cos=0.9, asr=0.1, parent="wanda-50"),
+                    [True] * 2 + [False] * 8)
+    rep.repair = {"method": "aird-ridge", "sparsity": {"before": 0.5, "after": 0.45}}
+    rtn = comp("rtn-int8", "rtn", bits=8)
+    other = comp("sparsegpt-50", "sparsegpt", sparsity=0.5)      # same budget, another method: not a variant
+    entries = [_e("original", "original", asr=0.2), plain, rtn, other, rp, rep]
+    groups = variant_groups(entries)
+    assert [(g["method"], g["budget"], [e.name for e in g["rows"]]) for g in groups] == \
+        [("wanda", "0.5 sparsity", ["wanda-50", "wanda-50-aird-ridge", "wanda-50-rp"])]
+    rows = variant_rows(groups[0], entries, {"compress wanda-50": 40.0, "repair wanda-50-aird-ridge": 170.4,
+                                             "compress wanda-50-rp": 264.0}, ["advbench"])
+    by = {r[0]: r for r in rows}
+    assert by["wanda-50"][1:3] == ["plain", "0.5000"] and by["wanda-50"][5] == "1.000"
+    # 7 newly refused of 10: −70 points, exact McNemar p 2/2^7
+    assert by["wanda-50-rp"][1] == "refusal-preserving" and by["wanda-50-rp"][5] == "0.300 (-70.0, p 0.016)"
+    assert by["wanda-50-aird-ridge"][1:3] == ["+ aird-ridge", "0.4500"]
+    assert by["wanda-50-aird-ridge"][5] == "0.800 (-20.0, p 0.5)" and by["wanda-50-aird-ridge"][-1] == "210"
+    assert by["wanda-50-rp"][-1] == "264"

@@ -104,6 +104,14 @@ def takes_reference(method: str) -> bool:
     return "reference" in getattr(plugins.get("compressor", method), "params", {})
 
 
+def plain_method(method: str) -> str:
+    """The plain compressor a refusal-preserving one varies (``wanda-rp`` → ``wanda``); any other method is its
+    own plain one."""
+    if method.endswith(PROTECTED_SUFFIX) and takes_reference(method):
+        return method[: -len(PROTECTED_SUFFIX)]
+    return method
+
+
 def _linear_input_dims(lm: LoadedModel) -> list[int]:
     """The input widths of the decoder layers' linear layers (what group sizes and N:M must divide)."""
     return sorted({mod.in_features for _i, _name, mod in lm.adapter.linears(lm.model)})

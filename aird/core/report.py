@@ -82,6 +82,81 @@ def heldout_rows(orig: Entry, parent: Entry, rep: Entry) -> list[list]:
     return rows
 
 
+def _budget(c: dict) -> str:
+    """What a compression was asked for, the footing on which its variants compare: the sparsity or N:M
+    pattern of a pruning, the bits (and group size) of a quantization."""
+    p = c.get("params") or {}
+    if c.get("kind") == "pruning":
+        return f"{p['pattern']} sparsity" if p.get("pattern") else f"{p.get('sparsity')} sparsity"
+    bits = p.get("bits") or c.get("bits")            # asked for; the measured bits go in the "achieved" column
+    return f"int{bits}" + (f", group {p['group_size']}" if p.get("group_size") else "")
+
+
+def variant_groups(entries: list[Entry]) -> list[dict]:
+    """The study's models grouped by plain compression method and budget (issue: beyond repair): the plain
+    compressed model, its refusal-preserving variant(s) at the same budget, and every repair of either. A group
+    is returned when it holds the plain model and at least one variant."""
+    from aird.core.compress import plain_method
+
+    comp = [e for e in entries if e.role == "compressed" and e.compress]
+    groups: dict[tuple, dict] = {}
+    for e in comp:
+        key = (plain_method(e.compress["method"]), _budget(e.compress))
+        g = groups.setdefault(key, {"method": key[0], "budget": key[1], "plain": None, "rows": []})
+        if e.compress["method"] == key[0] and g["plain"] is None:
+            g["plain"] = e
+        g["rows"].append(e)
+        g["rows"] += [r for r in entries if r.role == "repaired" and r.parent == e.name]
+    return [g for g in groups.values() if g["plain"] is not None and len(g["rows"]) > 1]
+
+
+def variant_rows(group: dict, entries: list[Entry], steps: dict[str, float], sets: list[str]) -> list[list]:
+    """One row per model of a variant group: how it was made, what it achieved (sparsity, or bits and whether
+    every weight is still on the grid), cosine and source of its direction, each set's rate with its paired
+    change against the plain compressed model (points, exact McNemar p), zero-shot mean, perplexity, and the
+    seconds it took to make (compression, plus the repair for a repaired model)."""
+    from aird.core.compress import takes_reference
+
+    by = {e.name: e for e in entries}
+    plain = group["plain"]
+    base = _prompt_records(plain)
+    rows = []
+    for e in group["rows"]:
+        if e.role == "compressed":
+            how = "plain" if e is plain else ("refusal-preserving" if takes_reference(e.compress["method"])
+                                              else e.compress["method"])
+            made = steps.get(f"compress {e.name}")
+            c = e.compress
+        else:
+            parent = by[e.parent]
+            how = ("" if parent is plain else f"{parent.name} ") + f"+ {e.repair['method']}"
+            m1, m2 = steps.get(f"compress {parent.name}"), steps.get(f"repair {e.name}")
+            made = None if m1 is None or m2 is None else m1 + m2
+            c = parent.compress
+        if c.get("kind") == "pruning":
+            achieved = _f(sparsity(e), 4)
+        else:
+            grid = (e.repair or {}).get("grid")
+            achieved = f"{c.get('bits')} bits" + ("" if e.role == "compressed" else
+                                                 ", on the grid" if grid and grid.get("on_grid") else ", off the grid")
+        cells = []
+        mine = _prompt_records(e)
+        for name in sets:
+            ev_ = e.eval or {}
+            rate = ev_.get("asr", {}).get(name, ev_.get("over_refusal", {}).get(name))
+            cell = _f(rate)
+            if e is not plain and base is not None and mine is not None:
+                keys = [k for k in mine if k[0] == name and k in base]
+                if keys:
+                    pr = paired_rate(base, mine, keys)
+                    cell += f" ({100 * (pr['after'] - pr['before']):+.1f}, p {pr['p']:.2g})"
+            cells.append(cell)
+        rows.append([e.name, how, achieved, _f(e.diff["cosine_chosen"]) if e.diff else "–", _source(e.probe),
+                     *cells, _f((e.eval or {}).get("zero_shot_mean")), _f((e.eval or {}).get("perplexity"), 2),
+                     "–" if made is None else f"{made:.0f}"])
+    return rows
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -436,6 +511,23 @@ def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], fou
     elif orig:
         b.append(("p", "No model was repaired: no compressed model's direction moved past the threshold "
                        f"(source moved, or cosine below {cfg['repair']['moved_below_cosine']})."))
+
+    groups = variant_groups(entries)
+    if groups:
+        secs = {s["step"]: s["seconds"] for s in steps}
+        b.append(("h", 2, "Compression variants at the same budget"))
+        b.append(("p", "Per plain compression: the model as compressed, its repairs, and refusal-preserving "
+                       "compression at exactly the same sparsity or bits (achieved: measured from the written "
+                       "weights, for a quantization the bits its written codes need; a repair of a quantized model is on the grid when every edited weight is still a "
+                       "code times its group's scale). Each rate with, in brackets, its change against the plain "
+                       "compressed model on the same prompts in points and the exact McNemar p. seconds: to make "
+                       "the model (compression, plus the repair)."))
+        for g in groups:
+            b.append(("h", 3, f"{g['method']}, {g['budget']}"))
+            b.append(("table", ["model", "variant", "achieved", "cosine to original", "source",
+                                *[f"ASR {h}" for h in harmful], *[f"over-refusal {x}" for x in benign],
+                                "zero-shot mean", "perplexity", "seconds"],
+                      variant_rows(g, entries, secs, list(harmful) + list(benign))))
 
     for h in harmful:
         percat = {e.name: e.eval["asr_by_category"].get(h, {}) for e in entries if e.eval}

@@ -141,7 +141,9 @@ def _merge(base: dict, over: dict) -> dict:
 _STUDY_SETS = ("seed", "data_dir", "device")
 _REPAIR_OWN = {"methods": list[str], "when": str, "moved_below_cosine": float, "matrix": str, "alpha": "float | str",
                "layer": "int | str | None"}
-_GRID_KEYS = {"name": str, "method": str, "params": dict, "only_on": str}
+# a grid entry's own "repairs" replaces [repair] methods for that model (a grid repair for a quantized model, none
+# for a refusal-preserving one): the side-by-side comparison of issue "beyond repair"
+_GRID_KEYS = {"name": str, "method": str, "params": dict, "only_on": str, "repairs": list[str]}
 _TOP = {"model": str, "seed": int, "grid": list, "calibration": dict, "probe": dict, "repair": dict, "eval": dict,
         "keep_models": bool}
 # keys a study file may set that no profile sets (their default applies when left out, and a study that leaves
@@ -233,7 +235,7 @@ def check_config(cfg: dict, where: str) -> None:
         ProbeConfig(**cfg["probe"]).validate()
         EvalConfig(**cfg["eval"]).validate(("safety", "utility"))
         rc = cfg["repair"]
-        for m in rc["methods"]:
+        for m in dict.fromkeys(rc["methods"] + [m for g in cfg["grid"] for m in g.get("repairs", [])]):
             RepairConfig(method=m, layer=rc.get("layer"), matrix=rc["matrix"], alpha=rc["alpha"],
                          **{k: rc[k] for k in REPAIR_KEYS if k in rc}).validate()
     except AirdError as exc:
@@ -271,7 +273,7 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
         plugins.get("compressor", g["method"])
     if len(set(names)) != len(names):
         raise AirdError("the names of the study's grid entries must be distinct.")
-    for m in cfg["repair"]["methods"]:
+    for m in cfg["repair"]["methods"] + [m for g in cfg["grid"] for m in g.get("repairs", [])]:
         plugins.get("repair", m)
     if cfg["eval"].get("engine", "auto") != "auto":
         plugins.get("engine", cfg["eval"]["engine"])
@@ -448,7 +450,8 @@ def moved(diff: dict, threshold: float) -> bool:
 def n_steps(cfg: dict) -> int:
     """Steps of a study when every compressed model gets repaired (the progress bar's upper bound)."""
     g = len(cfg["grid"])
-    reps = len(cfg["repair"]["methods"]) * g if cfg["repair"]["when"] != "never" else 0
+    reps = 0 if cfg["repair"]["when"] == "never" else \
+        sum(len(e.get("repairs", cfg["repair"]["methods"])) for e in cfg["grid"])
     return 2 + 4 * g + 4 * reps
 
 
@@ -533,7 +536,7 @@ def _run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | N
             st.evaluate(e)
             todo = rc["when"] == "all" or (rc["when"] == "moved" and moved(e.diff, rc["moved_below_cosine"]))
             mine = []
-            for method in rc["methods"]:
+            for method in g.get("repairs", rc["methods"]):
                 if not todo:
                     advance(4)
                     continue
