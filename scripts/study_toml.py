@@ -25,7 +25,7 @@ TOP = {"model": "named model, model folder, .gguf file or hub id", "seed": "seed
        "keep_models": "false: remove each compressed and repaired model's weights once its steps are done (sha256 "
                       "kept for the cards), so one model's folders are on disk at a time (aird study --drop-models)",
        "grid": "the compressions: a list of {name, method, params, only_on, repairs}; name is the model's folder; "
-               "repairs (optional) replaces [repair] methods for that model"}
+               "repairs (optional) replaces the repair section's methods for that model"}
 
 
 def comments(cls) -> dict[str, str]:
