@@ -563,12 +563,14 @@ def test_variants_table_sets_each_variant_beside_the_plain_compression(tmp_path)
     groups = variant_groups(entries)
     assert [(g["method"], g["budget"], [e.name for e in g["rows"]]) for g in groups] == \
         [("wanda", "0.5 sparsity", ["wanda-50", "wanda-50-aird-ridge", "wanda-50-rp"])]
-    rows = variant_rows(groups[0], entries, {"compress wanda-50": 40.0, "repair wanda-50-aird-ridge": 170.4,
-                                             "compress wanda-50-rp": 264.0}, ["advbench"])
+    plain.compress["timings"] = {"calibration_data": 0.5, "compress": 31.0, "save": 3.4, "measure": 1.9}
+    rp.compress["timings"] = {"compress": 260.0, "save": 4.0}
+    rep.repair["timings"] = {"original": 74.8, "search": 69.4, "save": 4.3}
+    rows = variant_rows(groups[0], entries, ["advbench"])
     by = {r[0]: r for r in rows}
-    assert by["wanda-50"][1:3] == ["plain", "0.5000"] and by["wanda-50"][5] == "1.000"
+    assert by["wanda-50"][1:3] == ["plain", "0.5000"] and by["wanda-50"][5] == "1.000" and by["wanda-50"][-1] == "37"
     # 7 newly refused of 10: −70 points, exact McNemar p 2/2^7
     assert by["wanda-50-rp"][1] == "refusal-preserving" and by["wanda-50-rp"][5] == "0.300 (-70.0, p 0.016)"
     assert by["wanda-50-aird-ridge"][1:3] == ["+ aird-ridge", "0.4500"]
-    assert by["wanda-50-aird-ridge"][5] == "0.800 (-20.0, p 0.5)" and by["wanda-50-aird-ridge"][-1] == "210"
+    assert by["wanda-50-aird-ridge"][5] == "0.800 (-20.0, p 0.5)" and by["wanda-50-aird-ridge"][-1] == "185"
     assert by["wanda-50-rp"][-1] == "264"

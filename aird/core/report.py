@@ -110,11 +110,18 @@ def variant_groups(entries: list[Entry]) -> list[dict]:
     return [g for g in groups.values() if g["plain"] is not None and len(g["rows"]) > 1]
 
 
-def variant_rows(group: dict, entries: list[Entry], steps: dict[str, float], sets: list[str]) -> list[list]:
+def _made_seconds(summary: dict | None) -> float | None:
+    """The seconds a compress or repair summary says its run took: the sum of its timed stages."""
+    t = (summary or {}).get("timings")
+    return float(sum(v for v in t.values() if isinstance(v, (int, float)))) if t else None
+
+
+def variant_rows(group: dict, entries: list[Entry], sets: list[str]) -> list[list]:
     """One row per model of a variant group: how it was made, what it achieved (sparsity, or bits and whether
     every weight is still on the grid), cosine and source of its direction, each set's rate with its paired
     change against the plain compressed model (points, exact McNemar p), zero-shot mean, perplexity, and the
-    seconds it took to make (compression, plus the repair for a repaired model)."""
+    seconds it took to make, from its own records' timings (compression, plus the repair for a repaired model),
+    so that a step reused from another run keeps its time."""
     from aird.core.compress import takes_reference
 
     by = {e.name: e for e in entries}
@@ -125,12 +132,12 @@ def variant_rows(group: dict, entries: list[Entry], steps: dict[str, float], set
         if e.role == "compressed":
             how = "plain" if e is plain else ("refusal-preserving" if takes_reference(e.compress["method"])
                                               else e.compress["method"])
-            made = steps.get(f"compress {e.name}")
+            made = _made_seconds(e.compress)
             c = e.compress
         else:
             parent = by[e.parent]
             how = ("" if parent is plain else f"{parent.name} ") + f"+ {e.repair['method']}"
-            m1, m2 = steps.get(f"compress {parent.name}"), steps.get(f"repair {e.name}")
+            m1, m2 = _made_seconds(parent.compress), _made_seconds(e.repair)
             made = None if m1 is None or m2 is None else m1 + m2
             c = parent.compress
         if c.get("kind") == "pruning":
@@ -514,20 +521,19 @@ def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], fou
 
     groups = variant_groups(entries)
     if groups:
-        secs = {s["step"]: s["seconds"] for s in steps}
         b.append(("h", 2, "Compression variants at the same budget"))
         b.append(("p", "Per plain compression: the model as compressed, its repairs, and refusal-preserving "
                        "compression at exactly the same sparsity or bits (achieved: measured from the written "
                        "weights, for a quantization the bits its written codes need; a repair of a quantized model is on the grid when every edited weight is still a "
                        "code times its group's scale). Each rate with, in brackets, its change against the plain "
                        "compressed model on the same prompts in points and the exact McNemar p. seconds: to make "
-                       "the model (compression, plus the repair)."))
+                       "the model, as its records time it (compression, plus the repair; loading not counted)."))
         for g in groups:
             b.append(("h", 3, f"{g['method']}, {g['budget']}"))
             b.append(("table", ["model", "variant", "achieved", "cosine to original", "source",
                                 *[f"ASR {h}" for h in harmful], *[f"over-refusal {x}" for x in benign],
                                 "zero-shot mean", "perplexity", "seconds"],
-                      variant_rows(g, entries, secs, list(harmful) + list(benign))))
+                      variant_rows(g, entries, list(harmful) + list(benign))))
 
     for h in harmful:
         percat = {e.name: e.eval["asr_by_category"].get(h, {}) for e in entries if e.eval}
