@@ -200,6 +200,11 @@ def section_keys() -> dict[str, dict]:
     }
 
 
+def repair_methods(cfg: dict) -> list[str]:
+    """Every repair a study may run: [repair] methods and each grid entry's own ``repairs``, once each."""
+    return list(dict.fromkeys(cfg["repair"]["methods"] + [m for g in cfg["grid"] for m in g.get("repairs", [])]))
+
+
 def check_config(cfg: dict, where: str) -> None:
     """Every key of every section known and of the right type, every grid name a plain folder name, and every
     section's values valid for its subcommand: all before the study's first step, not hours into it."""
@@ -235,7 +240,7 @@ def check_config(cfg: dict, where: str) -> None:
         ProbeConfig(**cfg["probe"]).validate()
         EvalConfig(**cfg["eval"]).validate(("safety", "utility"))
         rc = cfg["repair"]
-        for m in dict.fromkeys(rc["methods"] + [m for g in cfg["grid"] for m in g.get("repairs", [])]):
+        for m in repair_methods(cfg):
             RepairConfig(method=m, layer=rc.get("layer"), matrix=rc["matrix"], alpha=rc["alpha"],
                          **{k: rc[k] for k in REPAIR_KEYS if k in rc}).validate()
     except AirdError as exc:
@@ -273,7 +278,7 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
         plugins.get("compressor", g["method"])
     if len(set(names)) != len(names):
         raise AirdError("the names of the study's grid entries must be distinct.")
-    for m in cfg["repair"]["methods"] + [m for g in cfg["grid"] for m in g.get("repairs", [])]:
+    for m in repair_methods(cfg):
         plugins.get("repair", m)
     if cfg["eval"].get("engine", "auto") != "auto":
         plugins.get("engine", cfg["eval"]["engine"])
