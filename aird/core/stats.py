@@ -75,6 +75,13 @@ def _z(q: float) -> float:
     return NormalDist().inv_cdf(q)
 
 
+def _interval95(draws: list[float]) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of bootstrap draws (sorted in place)."""
+    draws.sort()
+    n = len(draws)
+    return draws[int(0.025 * n)], draws[min(n - 1, int(math.ceil(0.975 * n)) - 1)]
+
+
 def paired_bootstrap(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]], iters: int = 2000,
                      seed: int = 0, stat=None) -> dict:
     """Paired bootstrap of a change over strata (tasks): ``before[s][i]`` and ``after[s][i]`` are item i of
@@ -98,8 +105,7 @@ def paired_bootstrap(before: Sequence[Sequence[float]], after: Sequence[Sequence
             A.append([a[i] for i in idx])
             B.append([b[i] for i in idx])
         draws.append(stat(A, B))
-    draws.sort()
-    lo, hi = draws[int(0.025 * iters)], draws[min(iters - 1, int(math.ceil(0.975 * iters)) - 1)]
+    lo, hi = _interval95(draws)
     return {"estimate": est, "ci": (lo, hi), "n": sum(len(a) for a, _ in strata), "iters": iters}
 
 
@@ -137,10 +143,9 @@ def gap_removed(base_harmful: Sequence[float], ablated_harmful: Sequence[float],
     for _ in range(iters):
         v = share([rng.randrange(len(bh)) for _ in bh], [rng.randrange(len(bb)) for _ in bb])
         draws.append(-math.inf if v is None else v)   # no gap in a resample: nothing removed counts lowest
-    draws.sort()
-    lo, hi = draws[int(0.025 * iters)], draws[min(iters - 1, int(math.ceil(0.975 * iters)) - 1)]
-    return {"estimate": est, "ci": None if est is None else [None if math.isinf(x) else x for x in (lo, hi)], "n_harmful": len(bh),
-            "n_harmless": len(bb), "iters": iters}
+    lo, hi = _interval95(draws)
+    return {"estimate": est, "ci": None if est is None else [None if math.isinf(x) else x for x in (lo, hi)],
+            "n_harmful": len(bh), "n_harmless": len(bb), "iters": iters}
 
 
 def perplexity_ratio(before_nll: Sequence[float], after_nll: Sequence[float], tokens_per_window: int,
