@@ -167,6 +167,7 @@ def test_sparsegpt_protection_keeps_the_salient_weights_at_the_same_sparsity():
 def test_protect_refusal_names_the_variant_or_says_there_is_none():
     assert protected_method("wanda") == "wanda-rp"
     assert protected_method("sparsegpt") == "sparsegpt-rp"
+    assert protected_method("gptq") == "gptq-rp"
     assert protected_method("wanda-rp") == "wanda-rp"
     with pytest.raises(AirdError, match="no refusal-preserving variant.*wanda"):
         protected_method("rtn")
@@ -226,3 +227,68 @@ def test_saliency_reports_progress_to_the_running_command(probed):
     (desc, total, done), = rec.stages
     h, b = sal["prompts"]
     assert desc.startswith("refusal saliency") and total == done == -(-h // 3) - (-b // 3)
+
+
+def test_refusal_hessians_weigh_the_input_directions_that_move_d(probed):
+    """H_r (trace 1, symmetric, only below the source layer): a change of a matrix's weights along the input
+    direction H_r weighs most moves the refusal difference d more than one of the same size along a direction it
+    weighs least."""
+    from aird.core.protect import refusal_hessians
+
+    model_dir, data, probe = probed
+    lm = load_model(str(model_dir), device="cpu")
+    got = refusal_hessians(lm, probe, n_prompts=16, probes=3, data_dir=str(data))
+    layer = got["layer"]
+    mods = {id(m): i for i, _n, m in lm.adapter.linears(lm.model)}
+    assert got["hessians"] and all(mods[id(m)] < layer for m in got["hessians"])
+    d0 = refusal_difference(lm, probe, n_prompts=16, data_dir=str(data))
+    g = torch.Generator().manual_seed(0)
+    wins = 0
+    for m, H in got["hessians"].items():
+        assert float(torch.trace(H)) == pytest.approx(1.0, abs=1e-4) and torch.allclose(H, H.T, atol=1e-6)
+        vals, vecs = torch.linalg.eigh(H.double())
+        assert float(vals.min()) > -1e-6
+        signs = torch.randint(0, 2, (m.out_features,), generator=g).float() * 2 - 1
+        moved = []
+        for v in (vecs[:, -1], vecs[:, 0]):
+            keep = m.weight.data.clone()
+            with torch.no_grad():
+                m.weight.data += 0.05 * m.weight.data.abs().mean() * torch.outer(signs, v.float()) * m.in_features ** 0.5
+            moved.append(float((refusal_difference(lm, probe, n_prompts=16, data_dir=str(data)) - d0).norm()))
+            m.weight.data = keep
+        wins += moved[0] > moved[1]
+    assert wins >= 0.8 * len(got["hessians"]), (wins, len(got["hessians"]))
+
+
+@pytest.mark.parametrize("protect", [0.0, 4.0])
+def test_gptq_rp_stays_on_gptqs_grid(probed, tmp_path, protect):
+    """gptq-rp quantizes with GPTQ's own scales (every written weight on the same int4 grid, the same bits): with
+    protect 0 its weights are GPTQ's; with protection only the integer codes differ, and d moves less."""
+    from aird.core.qgrid import on_grid, read_grid
+
+    model_dir, data, probe = probed
+    params = {"bits": 4, "group_size": 32}
+    out = {}
+    for method, extra in (("gptq", {}), ("gptq-rp", {"reference": str(probe), "protect": protect})):
+        lm = load_model(str(model_dir), device="cpu")
+        cfg = CompressConfig(method=method, params={**params, **extra}, data_dir=str(data), calib_samples=16,
+                             calib_seq_len=64)
+        out[method] = run_compress(lm, cfg, tmp_path / method).summary
+    assert out["gptq-rp"]["info"]["protect"]["matrices"] > 0
+    g0, g1 = read_grid(tmp_path / "gptq"), read_grid(tmp_path / "gptq-rp")
+    assert g0.keys() == g1.keys() and g0
+    w0 = decoder_linear_weights(load_file(str(tmp_path / "gptq" / "model.safetensors")))
+    w1 = decoder_linear_weights(load_file(str(tmp_path / "gptq-rp" / "model.safetensors")))
+    changed = 0
+    for name, grid in g1.items():
+        assert torch.equal(grid.scale, g0[name].scale), name
+        assert on_grid(w1[name + ".weight"], grid), name
+        changed += not torch.equal(w0[name + ".weight"], w1[name + ".weight"])
+    if protect == 0:
+        assert changed == 0
+        return
+    assert changed > 0
+    d0 = _d(model_dir, probe, data)
+    d_plain = _d(model_dir, probe, data, tmp_path / "gptq")
+    d_prot = _d(model_dir, probe, data, tmp_path / "gptq-rp")
+    assert (d_prot - d0).norm() < (d_plain - d0).norm()

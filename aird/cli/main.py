@@ -317,12 +317,12 @@ def compress_cmd(
     bits: Optional[int] = typer.Option(None, help="Quantization: weight bits (4 or 8)."),
     group_size: Optional[int] = typer.Option(None, help="Quantization: weights per scale along the input dimension."),
     protect_refusal: bool = typer.Option(False, "--protect-refusal", help="Refusal-preserving variant of the method "
-                                         "(wanda → wanda-rp, sparsegpt → sparsegpt-rp): keeps the weights that carry the --reference probe's "
-                                         "refusal direction, at the same sparsity (docs/compress.md)."),
+                                         "(wanda → wanda-rp, sparsegpt → sparsegpt-rp, gptq → gptq-rp): keeps what carries the --reference "
+                                         "probe's refusal direction, at the same sparsity or bits (docs/compress.md)."),
     reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="With --protect-refusal: the original "
                                              "model's probe folder (its direction, source and training prompts)."),
     protect: Optional[float] = typer.Option(None, "--protect", help="With --protect-refusal: weight of the refusal "
-                                            "saliency against the method's own score [default: 1]."),
+                                            "term against the method's own score or Hessian [default: 1]."),
     calib: str = typer.Option(CompressConfig.calib, help="Calibration data: harmless (chat-formatted instructions) or wikitext."),
     calib_samples: int = typer.Option(CompressConfig.calib_samples, help="Calibration samples."),
     calib_seq_len: int = typer.Option(CompressConfig.calib_seq_len, help="Maximum tokens per calibration sample."),

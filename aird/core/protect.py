@@ -22,6 +22,7 @@ ranking, not a prediction, and what `docs/compress.md` measures is whether the d
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -71,6 +72,33 @@ def _parts(lm: LoadedModel, layer: int, pos: int, harmful: list[str], harmless: 
         handle.remove()
 
 
+def _probe_vectors(r: torch.Tensor, probes: int, seed: int) -> torch.Tensor:
+    """[probes + 1, hidden]: r̂, then ``probes`` Gaussian vectors in its orthogonal complement."""
+    g = torch.Generator().manual_seed(seed)
+    us = [r]
+    for _ in range(probes):
+        u = torch.randn(r.shape[0], generator=g).to(r.device)
+        us.append(u - r * (r @ u))
+    return torch.stack(us)
+
+
+@contextlib.contextmanager
+def _graph_through(lm: LoadedModel, mods: list):
+    """Only the weights of ``mods`` require a gradient (so the graph reaches them and no other parameter's
+    gradient is computed); every parameter's flag is restored after."""
+    params = list(lm.model.parameters())
+    was = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in mods:
+            m.weight.requires_grad_(True)
+        yield
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+
+
 def refusal_difference(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, batch_size: int = 8,
                        data_dir: str | None = None) -> torch.Tensor:
     """d of the module docstring for ``lm`` (any model of the reference's shape: the original, or a compressed
@@ -92,37 +120,23 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
     info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes}
     if layer == 0:
         return {"saliency": {}, **info, "d_norm": None}
-    g = torch.Generator().manual_seed(seed)
-    us = [r]
-    for _ in range(probes):       # Gaussian probes in the orthogonal complement of r̂
-        u = torch.randn(r.shape[0], generator=g).to(r.device)
-        us.append(u - r * (r @ u))
+    U = _probe_vectors(r, probes, seed)
     mods = [m for i, _n, m in lm.adapter.linears(lm.model) if i < layer]
-    params = list(lm.model.parameters())
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    for m in mods:
-        m.weight.requires_grad_(True)
     # per weight matrix, the gradient of uᵀd for every probe u, stacked: [probes + 1, *weight.shape]
-    grads = {m: torch.zeros((len(us), *m.weight.shape), dtype=torch.float32, device=m.weight.device) for m in mods}
+    grads = {m: torch.zeros((len(U), *m.weight.shape), dtype=torch.float32, device=m.weight.device) for m in mods}
     d = torch.zeros_like(r)
     n_batches = sum(-(-len(t) // batch_size) for t in (harmful, harmless))
-    try:
-        with torch.enable_grad(), current().stage(f"refusal saliency of {len(mods)} matrices", n_batches) as advance:
-            U = torch.stack(us)
-            weights = [m.weight for m in mods]
-            for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
-                d += part.detach()
-                # d is a sum over batches: so is each gradient. All probes in one batched backward pass
-                # (vmap over the probes)
-                gs = torch.autograd.grad(part, weights, grad_outputs=U, is_grads_batched=True)
-                for m, gm in zip(mods, gs):
-                    grads[m] += gm.float()
-                advance(1)
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
+    weights = [m.weight for m in mods]
+    with _graph_through(lm, mods), torch.enable_grad(), \
+            current().stage(f"refusal saliency of {len(mods)} matrices", n_batches) as advance:
+        for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
+            d += part.detach()
+            # d is a sum over batches: so is each gradient. All probes in one batched backward pass
+            # (vmap over the probes)
+            gs = torch.autograd.grad(part, weights, grad_outputs=U, is_grads_batched=True)
+            for m, gm in zip(mods, gs):
+                grads[m] += gm.float()
+            advance(1)
     out = {}
     with torch.no_grad():
         for m in mods:
@@ -130,6 +144,76 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
             sq = (w * grads[m]) ** 2             # [probes + 1, …]: along r̂ first, then the orthogonal probes
             out[m] = (sq[0] + (sq[1:].mean(0) if probes else 0)).sqrt()
     return {"saliency": out, **info, "d_norm": float(d.norm())}
+
+
+def refusal_hessians(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, probes: int = 3, seed: int = 0,
+                     batch_size: int = 8, data_dir: str | None = None) -> dict:
+    """{"hessians": {Linear module: H_r (in × in, float32, trace 1)}, "layer", "position", "prompts", "probes",
+    "positions" (token positions seen, padding included), "d_norm"}: for every decoder Linear below the reference
+    direction's source layer, the second moment of its inputs over the tokens of the reference probe's training
+    prompts, each token t weighted by how much the module's output there moves d,
+
+        H_r ∝ Σ_t ω_t x_t x_tᵀ,   ω_t = ‖∂(r̂ᵀd)/∂y_t‖² + E_u ‖∂(uᵀd)/∂y_t‖²   (u as in :func:`refusal_saliency`),
+
+    y_t = W x_t the module's output at token t. An error δW of the weights moves d by Σ_t J_t δW x_t to first
+    order; dropping the coupling between output rows, ‖Δd‖² ≈ Σ_t ω_t ‖δW x_t‖² / rows, a GPTQ-shaped objective
+    δwᵀ H_r δw for every row (the output-gradient weighting of GuidedQuant, with the refusal difference in place
+    of the language-model loss). The refusal-preserving GPTQ adds it to GPTQ's own Hessian."""
+    if probes < 0:
+        raise AirdError("the number of protection probes must be at least 0.")
+    layer, pos, r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
+    info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes}
+    if layer == 0:
+        return {"hessians": {}, **info, "positions": 0, "d_norm": None}
+    U = _probe_vectors(r, probes, seed)
+    share = torch.tensor([1.0] + [1.0 / max(probes, 1)] * probes, device=r.device)   # along r̂, then the mean of the others
+    mods = [m for i, _n, m in lm.adapter.linears(lm.model) if i < layer]
+    seen: dict = {}
+
+    def keep(m, args, out):
+        seen[m] = (args[0].detach(), out)
+
+    hess = {m: torch.zeros((m.in_features, m.in_features), dtype=torch.float32, device=m.weight.device) for m in mods}
+    d = torch.zeros_like(r)
+    positions = 0
+    n_batches = sum(-(-len(t) // batch_size) for t in (harmful, harmless))
+    handles = [m.register_forward_hook(keep) for m in mods]
+    try:
+        # the weights require a gradient only so that the outputs are in the graph: none is computed for them
+        with _graph_through(lm, mods), torch.enable_grad(), \
+                current().stage(f"refusal Hessians of {len(mods)} matrices", n_batches) as advance:
+            for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
+                d += part.detach()
+                outs = [seen[m][1] for m in mods]
+                # the outputs are not leaves: ask for their gradients directly, every probe in one batched pass
+                gs = torch.autograd.grad(part, outs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
+                for m, gm in zip(mods, gs):
+                    if gm is None:
+                        continue
+                    x = seen[m][0]
+                    w = torch.einsum("p,pbt->bt", share, gm.float().pow(2).sum(-1))     # ω_t, [batch, tokens]
+                    xw = (x.float() * w.sqrt().unsqueeze(-1)).reshape(-1, x.shape[-1])
+                    hess[m] += xw.T @ xw
+                positions += int(seen[mods[0]][0].shape[0] * seen[mods[0]][0].shape[1])
+                seen.clear()
+                advance(1)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for m, H in hess.items():
+        t = float(torch.trace(H))
+        if t > 0 and torch.isfinite(H).all():
+            out[m] = H / t
+    return {"hessians": out, **info, "positions": positions, "d_norm": float(d.norm())}
+
+
+def protected_hessian(H: torch.Tensor, H_r: torch.Tensor | None, strength: float) -> torch.Tensor:
+    """GPTQ's Hessian with refusal protection: H + strength · tr(H) · H_r (H_r of trace 1, so strength 1 weighs the
+    refusal-weighted tokens as much as the whole calibration set; with no H_r, or strength 0, H itself)."""
+    if H_r is None or strength == 0:
+        return H
+    return H + (strength * torch.trace(H)) * H_r.to(H.device, H.dtype)
 
 
 def protected_scores(base: torch.Tensor, saliency: torch.Tensor | None, strength: float,

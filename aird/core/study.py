@@ -63,6 +63,7 @@ _STANDARD_GRID = [
     _QUANT[0],
     {"name": "rtn-int4", "method": "rtn", "params": {"bits": 4, "group_size": 128}},
     _QUANT[1],
+    {"name": "gptq-int4-rp", "method": "gptq-rp", "params": {"bits": 4, "group_size": 128}},
     {"name": "w8a8", "method": "w8a8", "params": {"bits": 8}},
     _QUANT[2],
 ]

@@ -173,36 +173,38 @@ class SparseGPT(_LLMCPruner):
 
 
 class _RefusalPreserving:
-    """The refusal-preserving variant of a pruner (``<method>-rp``, ``--protect-refusal``): the refusal saliency of
-    every decoder matrix below the reference direction's source layer is computed once on the dense model
-    (aird/core/protect.py), and the method's own pipeline then ranks weights by its score plus ``protect`` times
-    the saliency (each scaled by its mean over the matrix), inside the same comparison groups, so the sparsity
-    and N:M pattern are exactly the method's. A subclass names the context manager that patches its method."""
+    """The refusal-preserving variant of a compressor (``<method>-rp``, ``--protect-refusal``): what protects the
+    reference direction is measured once on the dense model (aird/core/protect.py), and the method's own pipeline
+    then runs with only its ranking (pruners: ``refusal_saliency`` beside the method's score) or its objective
+    (GPTQ: ``refusal_hessians`` beside its Hessian) changed, so the sparsity, N:M pattern, bits and grid are exactly
+    the method's. A subclass names what it measures and the context manager that patches its method."""
 
     params = {"sparsity": 0.5, "pattern": None, "reference": None, "protect": 1.0, "protect_prompts": 32,
               "protect_probes": 3}
+    measure = "refusal_saliency"      # a function of aird.core.protect returning {"saliency"|"hessians": …, …}
 
-    def _protected(self, saliency: dict, strength: float):
+    def _protected(self, per_module: dict, strength: float):
         raise NotImplementedError
 
     def compress(self, lm, params, calibration):
+        from aird.core import protect
         from aird.core.errors import AirdError
-        from aird.core.protect import refusal_saliency
 
         if not params.get("reference"):
             raise AirdError(f"method {self.name} needs --reference: the original model's probe folder.")
         if params["protect"] < 0:
             raise AirdError("--protect must be at least 0.")
         t = time.perf_counter()
-        sal = refusal_saliency(lm, params["reference"], n_prompts=params["protect_prompts"],
-                               probes=params["protect_probes"])
-        saliency_s = round(time.perf_counter() - t, 3)
-        with self._protected(sal["saliency"], params["protect"]):
+        got = getattr(protect, self.measure)(lm, params["reference"], n_prompts=params["protect_prompts"],
+                                             probes=params["protect_probes"])
+        per_module = got.get("saliency", got.get("hessians"))
+        measured_s = round(time.perf_counter() - t, 3)
+        with self._protected(per_module, params["protect"]):
             info = super().compress(lm, params, calibration)
         info.update(protect={"strength": params["protect"], "reference": str(params["reference"]),
-                             "source": {"layer": sal["layer"], "position": sal["position"]},
-                             "prompts": sal["prompts"], "probes": sal["probes"], "d_norm": sal["d_norm"],
-                             "matrices": len(sal["saliency"]), "saliency_seconds": saliency_s})
+                             "measure": self.measure, "source": {"layer": got["layer"], "position": got["position"]},
+                             "prompts": got["prompts"], "probes": got["probes"], "d_norm": got["d_norm"],
+                             "matrices": len(per_module), "measure_seconds": measured_s})
         return info
 
 
@@ -414,6 +416,49 @@ class GPTQ(_LLMCQuantizer):
         return GPTQModifier(config_groups=_scheme(params["bits"], params["group_size"]), ignore=[LM_HEAD])
 
 
+class GPTQRP(_RefusalPreserving, GPTQ):
+    """GPTQ whose layer-wise objective also counts the refusal direction: for every matrix below the reference
+    direction's source layer, GPTQ's Hessian H (of the calibration inputs) becomes H + protect · tr(H) · H_r, H_r
+    the inputs' second moment over the reference probe's training prompts with each token weighted by how much the
+    matrix's output there moves the difference of means d (aird.core.protect.refusal_hessians). The quantization
+    is GPTQ's own (llm-compressor's sequential pipeline, the same observer scales and grid): only which integer
+    codes the error compensation picks changes."""
+
+    name = "gptq-rp"
+    description = "refusal-preserving GPTQ: GPTQ's Hessian plus the refusal-weighted one (--reference PROBE)"
+    params = {"bits": 4, "group_size": 128, "reference": None, "protect": 1.0, "protect_prompts": 32,
+              "protect_probes": 3}
+    measure = "refusal_hessians"
+
+    def _protected(self, per_module, strength):
+        return _protected_gptq(per_module, strength)
+
+
+@contextlib.contextmanager
+def _protected_gptq(hessians: dict, strength: float):
+    """llm-compressor's GPTQ with the protected Hessian: its ``prepare_batch`` (gptq/helpers.py, 0.14), which turns
+    the accumulated Hessians into the normalized ones ``quantize_weight`` reads, followed by
+    aird.core.protect.protected_hessian for the matrices with a refusal Hessian."""
+    from llmcompressor.modifiers.gptq import base
+
+    from aird.core.protect import protected_hessian
+
+    original = base.prepare_batch
+
+    def prepare_batch(batch, batch_qparams, hessians_by_module, num_samples_by_module):
+        weights, H, *rest = original(batch, batch_qparams, hessians_by_module, num_samples_by_module)
+        for i, module in enumerate(batch):
+            if module in hessians:
+                H[i] = protected_hessian(H[i], hessians[module], strength)
+        return (weights, H, *rest)
+
+    base.prepare_batch = prepare_batch
+    try:
+        yield
+    finally:
+        base.prepare_batch = original
+
+
 class AWQ(_LLMCQuantizer):
     name = "awq"
     description = "AWQ activation-aware weight-only quantization (llm-compressor; slow on a CPU)"
@@ -499,5 +544,5 @@ def _strip_quantization(lm) -> None:
 
 @hookimpl
 def aird_register_compressors(register):
-    for cls in (Magnitude, Wanda, WandaRP, SparseGPT, SparseGPTRP, RTN, GPTQ, AWQ, W8A8):
+    for cls in (Magnitude, Wanda, WandaRP, SparseGPT, SparseGPTRP, RTN, GPTQ, GPTQRP, AWQ, W8A8):
         register(cls())
