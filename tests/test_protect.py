@@ -292,3 +292,16 @@ def test_gptq_rp_stays_on_gptqs_grid(probed, tmp_path, protect):
     d_plain = _d(model_dir, probe, data, tmp_path / "gptq")
     d_prot = _d(model_dir, probe, data, tmp_path / "gptq-rp")
     assert (d_prot - d0).norm() < (d_plain - d0).norm()
+
+
+def test_one_pass_gives_the_saliency_and_the_hessians_of_two(probed):
+    from aird.core.protect import refusal_hessians, refusal_measures
+
+    model_dir, data, probe = probed
+    lm = load_model(str(model_dir), device="cpu")
+    both = refusal_measures(lm, probe, n_prompts=8, probes=2, data_dir=str(data))
+    sal = refusal_saliency(lm, probe, n_prompts=8, probes=2, data_dir=str(data))["saliency"]
+    hes = refusal_hessians(lm, probe, n_prompts=8, probes=2, data_dir=str(data))["hessians"]
+    assert both["saliency"].keys() == sal.keys() and both["hessians"].keys() == hes.keys() and sal
+    assert all(torch.allclose(both["saliency"][m], sal[m], rtol=1e-4, atol=1e-7) for m in sal)
+    assert all(torch.allclose(both["hessians"][m], hes[m], rtol=1e-4, atol=1e-7) for m in hes)

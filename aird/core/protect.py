@@ -114,36 +114,8 @@ def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
     "probes", "d_norm"}: the refusal saliency above for every decoder Linear of layers below the reference
     direction's source layer, on ``n_prompts`` harmful and ``n_prompts`` harmless training prompts of the
     reference probe (``probes`` Gaussian probes for the part orthogonal to r̂; 0: only the part along r̂)."""
-    if probes < 0:
-        raise AirdError("the number of saliency probes must be at least 0.")
-    layer, pos, r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
-    info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes}
-    if layer == 0:
-        return {"saliency": {}, **info, "d_norm": None}
-    U = _probe_vectors(r, probes, seed)
-    mods = [m for i, _n, m in lm.adapter.linears(lm.model) if i < layer]
-    # per weight matrix, the gradient of uᵀd for every probe u, stacked: [probes + 1, *weight.shape]
-    grads = {m: torch.zeros((len(U), *m.weight.shape), dtype=torch.float32, device=m.weight.device) for m in mods}
-    d = torch.zeros_like(r)
-    n_batches = sum(-(-len(t) // batch_size) for t in (harmful, harmless))
-    weights = [m.weight for m in mods]
-    with _graph_through(lm, mods), torch.enable_grad(), \
-            current().stage(f"refusal saliency of {len(mods)} matrices", n_batches) as advance:
-        for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
-            d += part.detach()
-            # d is a sum over batches: so is each gradient. All probes in one batched backward pass
-            # (vmap over the probes)
-            gs = torch.autograd.grad(part, weights, grad_outputs=U, is_grads_batched=True)
-            for m, gm in zip(mods, gs):
-                grads[m] += gm.float()
-            advance(1)
-    out = {}
-    with torch.no_grad():
-        for m in mods:
-            w = m.weight.detach().float()
-            sq = (w * grads[m]) ** 2             # [probes + 1, …]: along r̂ first, then the orthogonal probes
-            out[m] = (sq[0] + (sq[1:].mean(0) if probes else 0)).sqrt()
-    return {"saliency": out, **info, "d_norm": float(d.norm())}
+    return refusal_measures(lm, reference, saliency=True, hessians=False, n_prompts=n_prompts, probes=probes,
+                            seed=seed, batch_size=batch_size, data_dir=data_dir)
 
 
 def refusal_hessians(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, probes: int = 3, seed: int = 0,
@@ -158,54 +130,84 @@ def refusal_hessians(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
     y_t = W x_t the module's output at token t. An error δW of the weights moves d by Σ_t J_t δW x_t to first
     order; dropping the coupling between output rows, ‖Δd‖² ≈ Σ_t ω_t ‖δW x_t‖² / rows, a GPTQ-shaped objective
     δwᵀ H_r δw for every row (the output-gradient weighting of GuidedQuant, with the refusal difference in place
-    of the language-model loss). The refusal-preserving GPTQ adds it to GPTQ's own Hessian."""
+    of the language-model loss). The refusal-preserving GPTQ and SparseGPT add it to the method's own Hessian."""
+    return refusal_measures(lm, reference, saliency=False, hessians=True, n_prompts=n_prompts, probes=probes,
+                            seed=seed, batch_size=batch_size, data_dir=data_dir)
+
+
+def refusal_measures(lm: LoadedModel, reference: Path | str, saliency: bool = True, hessians: bool = True,
+                     n_prompts: int = 32, probes: int = 3, seed: int = 0, batch_size: int = 8,
+                     data_dir: str | None = None) -> dict:
+    """:func:`refusal_saliency`'s "saliency" and :func:`refusal_hessians`' "hessians", either or both, from one
+    forward and one batched backward pass per batch of prompts (with the keys of both)."""
     if probes < 0:
         raise AirdError("the number of protection probes must be at least 0.")
     layer, pos, r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
     info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes}
-    if layer == 0:
-        return {"hessians": {}, **info, "positions": 0, "d_norm": None}
-    U = _probe_vectors(r, probes, seed)
-    share = torch.tensor([1.0] + [1.0 / max(probes, 1)] * probes, device=r.device)   # along r̂, then the mean of the others
     mods = [m for i, _n, m in lm.adapter.linears(lm.model) if i < layer]
+    empty = {**({"saliency": {}} if saliency else {}), **({"hessians": {}} if hessians else {})}
+    if not mods:
+        return {**empty, **info, "positions": 0, "d_norm": None}
+    U = _probe_vectors(r, probes, seed)
+    share = torch.tensor([1.0] + [1.0 / max(probes, 1)] * probes, device=r.device)   # along r̂, then the others' mean
+    # per weight matrix, the gradient of uᵀd for every probe u, stacked: [probes + 1, *weight.shape]
+    grads = {m: torch.zeros((len(U), *m.weight.shape), dtype=torch.float32, device=m.weight.device)
+             for m in mods} if saliency else {}
+    hess = {m: torch.zeros((m.in_features, m.in_features), dtype=torch.float32, device=m.weight.device)
+            for m in mods} if hessians else {}
     seen: dict = {}
 
     def keep(m, args, out):
         seen[m] = (args[0].detach(), out)
 
-    hess = {m: torch.zeros((m.in_features, m.in_features), dtype=torch.float32, device=m.weight.device) for m in mods}
     d = torch.zeros_like(r)
     positions = 0
     n_batches = sum(-(-len(t) // batch_size) for t in (harmful, harmless))
-    handles = [m.register_forward_hook(keep) for m in mods]
+    what = " and ".join(w for w, on in (("saliency", saliency), ("Hessians", hessians)) if on)
+    handles = [m.register_forward_hook(keep) for m in mods] if hessians else []
     try:
-        # the weights require a gradient only so that the outputs are in the graph: none is computed for them
         with _graph_through(lm, mods), torch.enable_grad(), \
-                current().stage(f"refusal Hessians of {len(mods)} matrices", n_batches) as advance:
+                current().stage(f"refusal {what} of {len(mods)} matrices", n_batches) as advance:
             for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
                 d += part.detach()
-                outs = [seen[m][1] for m in mods]
-                # the outputs are not leaves: ask for their gradients directly, every probe in one batched pass
-                gs = torch.autograd.grad(part, outs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
-                for m, gm in zip(mods, gs):
-                    if gm is None:
-                        continue
-                    x = seen[m][0]
-                    w = torch.einsum("p,pbt->bt", share, gm.float().pow(2).sum(-1))     # ω_t, [batch, tokens]
-                    xw = (x.float() * w.sqrt().unsqueeze(-1)).reshape(-1, x.shape[-1])
-                    hess[m] += xw.T @ xw
-                positions += int(seen[mods[0]][0].shape[0] * seen[mods[0]][0].shape[1])
+                # d is a sum over batches: so is each gradient. Every probe in one batched backward pass (vmap over
+                # the probes), to the weights (saliency) and to the outputs, which are not leaves (Hessians)
+                wanted = ([m.weight for m in mods] if saliency else []) + ([seen[m][1] for m in mods] if hessians else [])
+                gs = list(torch.autograd.grad(part, wanted, grad_outputs=U, is_grads_batched=True, allow_unused=True))
+                if saliency:
+                    for m in mods:
+                        g = gs.pop(0)
+                        if g is not None:
+                            grads[m] += g.float()
+                if hessians:
+                    for m in mods:
+                        g = gs.pop(0)
+                        if g is None:
+                            continue
+                        x = seen[m][0]
+                        w = torch.einsum("p,pbt->bt", share, g.float().pow(2).sum(-1))     # ω_t, [batch, tokens]
+                        xw = (x.float() * w.sqrt().unsqueeze(-1)).reshape(-1, x.shape[-1])
+                        hess[m] += xw.T @ xw
+                    positions += int(seen[mods[0]][0].shape[0] * seen[mods[0]][0].shape[1])
                 seen.clear()
                 advance(1)
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for m, H in hess.items():
-        t = float(torch.trace(H))
-        if t > 0 and torch.isfinite(H).all():
-            out[m] = H / t
-    return {"hessians": out, **info, "positions": positions, "d_norm": float(d.norm())}
+    out = {**info, "positions": positions, "d_norm": float(d.norm())}
+    if saliency:
+        out["saliency"] = {}
+        with torch.no_grad():
+            for m in mods:
+                sq = (m.weight.detach().float() * grads.pop(m)) ** 2   # [probes + 1, …]: along r̂, then the others
+                out["saliency"][m] = (sq[0] + (sq[1:].mean(0) if probes else 0)).sqrt()
+    if hessians:
+        out["hessians"] = {}
+        for m, H in hess.items():
+            t = float(torch.trace(H))
+            if t > 0 and torch.isfinite(H).all():
+                out["hessians"][m] = H / t
+    return out
 
 
 def protected_hessian(H: torch.Tensor, H_r: torch.Tensor | None, strength: float) -> torch.Tensor:

@@ -181,30 +181,32 @@ class _RefusalPreserving:
 
     params = {"sparsity": 0.5, "pattern": None, "reference": None, "protect": 1.0, "protect_prompts": 32,
               "protect_probes": 3}
-    measure = "refusal_saliency"      # a function of aird.core.protect returning {"saliency"|"hessians": …, …}
+    measures = ("saliency",)          # what aird.core.protect.refusal_measures computes for it: saliency, hessians
 
-    def _protected(self, per_module: dict, strength: float):
+    def _protected(self, got: dict, strength: float):
+        """The context manager that runs the method with ``got`` (refusal_measures' result) protecting it."""
         raise NotImplementedError
 
     def compress(self, lm, params, calibration):
-        from aird.core import protect
         from aird.core.errors import AirdError
+        from aird.core.protect import refusal_measures
 
         if not params.get("reference"):
             raise AirdError(f"method {self.name} needs --reference: the original model's probe folder.")
         if params["protect"] < 0:
             raise AirdError("--protect must be at least 0.")
         t = time.perf_counter()
-        got = getattr(protect, self.measure)(lm, params["reference"], n_prompts=params["protect_prompts"],
-                                             probes=params["protect_probes"])
-        per_module = got.get("saliency", got.get("hessians"))
+        got = refusal_measures(lm, params["reference"], saliency="saliency" in self.measures,
+                               hessians="hessians" in self.measures, n_prompts=params["protect_prompts"],
+                               probes=params["protect_probes"])
         measured_s = round(time.perf_counter() - t, 3)
-        with self._protected(per_module, params["protect"]):
+        with self._protected(got, params["protect"]):
             info = super().compress(lm, params, calibration)
         info.update(protect={"strength": params["protect"], "reference": str(params["reference"]),
-                             "measure": self.measure, "source": {"layer": got["layer"], "position": got["position"]},
+                             "measures": list(self.measures),
+                             "source": {"layer": got["layer"], "position": got["position"]},
                              "prompts": got["prompts"], "probes": got["probes"], "d_norm": got["d_norm"],
-                             "matrices": len(per_module), "measure_seconds": measured_s})
+                             "matrices": len(got[self.measures[0]]), "measure_seconds": measured_s})
         return info
 
 
@@ -216,23 +218,27 @@ class WandaRP(_RefusalPreserving, Wanda):
     name = "wanda-rp"
     description = "refusal-preserving Wanda: Wanda's score plus each weight's refusal saliency (--reference PROBE)"
 
-    def _protected(self, saliency, strength):
-        return _protected_wanda(saliency, strength)
+    def _protected(self, got, strength):
+        return _protected_wanda(got["saliency"], strength)
 
 
 class SparseGPTRP(_RefusalPreserving, SparseGPT):
     """SparseGPT whose mask also counts each weight's refusal saliency: where SparseGPT compares w²/[H⁻¹]_jj² within
     each block of columns (or each row's M columns), this compares |w|/[H⁻¹]_jj / mean + protect · |w|·G / mean,
     G the saliency per unit weight (R / |w| on the dense matrix), so a weight's protection follows its value as
-    SparseGPT's reconstruction updates it. The reconstruction itself is SparseGPT's (aird's copy of
-    llm-compressor 0.14's ``sparsify_weight``, with the mask chosen from the protected score and exactly
-    ⌊sparsity · block⌋ weights pruned per block)."""
+    SparseGPT's reconstruction updates it. And SparseGPT's Hessian H becomes H + protect · tr(H) · H_r, the
+    refusal-weighted Hessian gptq-rp uses, so that both the mask's [H⁻¹]_jj and the reconstruction of the kept
+    weights also answer for the tokens where the matrix's output moves the refusal difference. The loop is
+    SparseGPT's (aird's copy of llm-compressor 0.14's ``sparsify_weight``, with the mask chosen from the
+    protected score and exactly ⌊sparsity · block⌋ weights pruned per block); saliency and H_r come from one
+    backward pass."""
 
     name = "sparsegpt-rp"
-    description = "refusal-preserving SparseGPT: SparseGPT's score plus each weight's refusal saliency (--reference PROBE)"
+    measures = ("saliency", "hessians")
+    description = "refusal-preserving SparseGPT: refusal saliency in its mask, the refusal-weighted Hessian in its reconstruction (--reference PROBE)"
 
-    def _protected(self, saliency, strength):
-        return _protected_sparsegpt(saliency, strength)
+    def _protected(self, got, strength):
+        return _protected_sparsegpt(got["saliency"], strength, got["hessians"])
 
 
 @contextlib.contextmanager
@@ -271,10 +277,14 @@ def _protected_wanda(saliency: dict, strength: float):
 
 
 @contextlib.contextmanager
-def _protected_sparsegpt(saliency: dict, strength: float):
-    """llm-compressor's SparseGPT with the protected mask, for the matrices with a saliency (the others, and any
-    call that asks to preserve an existing mask, keep llm-compressor's own ``sparsify_weight``)."""
+def _protected_sparsegpt(saliency: dict, strength: float, hessians: dict | None = None):
+    """llm-compressor's SparseGPT with the protected mask and, for the matrices with a refusal Hessian, the
+    protected Hessian (aird.core.protect.protected_hessian) in both its mask and its reconstruction; the matrices
+    without a saliency, and any call that asks to preserve an existing mask, keep llm-compressor's own
+    ``sparsify_weight``."""
     from llmcompressor.modifiers.pruning.sparsegpt import base
+
+    from aird.core.protect import protected_hessian
 
     original = base.sparsify_weight
 
@@ -283,7 +293,7 @@ def _protected_sparsegpt(saliency: dict, strength: float):
         if module not in saliency or not isinstance(module, torch.nn.Linear) or preserve_sparsity_mask:
             return original(module, hessians_dict, sparsity, prune_n, prune_m, block_size, dampening_frac,
                             preserve_sparsity_mask)
-        H = hessians_dict.pop(module)
+        H = protected_hessian(hessians_dict.pop(module), (hessians or {}).get(module), strength)
         return sparsegpt_protected(module.weight.data, H, saliency[module], strength, sparsity, prune_n, prune_m,
                                    block_size, dampening_frac)
 
@@ -428,10 +438,10 @@ class GPTQRP(_RefusalPreserving, GPTQ):
     description = "refusal-preserving GPTQ: GPTQ's Hessian plus the refusal-weighted one (--reference PROBE)"
     params = {"bits": 4, "group_size": 128, "reference": None, "protect": 1.0, "protect_prompts": 32,
               "protect_probes": 3}
-    measure = "refusal_hessians"
+    measures = ("hessians",)
 
-    def _protected(self, per_module, strength):
-        return _protected_gptq(per_module, strength)
+    def _protected(self, got, strength):
+        return _protected_gptq(got["hessians"], strength)
 
 
 @contextlib.contextmanager
