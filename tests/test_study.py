@@ -245,7 +245,7 @@ def test_config_errors():
     std = resolve_config("standard")
     assert [g["name"] for g in std["grid"]] == ["magnitude-50", "wanda-50", "sparsegpt-50", "sparsegpt-2of4",
                                                 "wanda-50-rp", "sparsegpt-50-rp", "rtn-int8", "rtn-int4", "gptq-int4",
-                                                "w8a8"]
+                                                "gptq-int4-rp", "w8a8"]
     assert std["eval"]["limit"] is None and std["eval"]["alpaca_n"] == 200 and std["eval"]["task_limit"] == 250
     assert set(std["eval"]["jailbreaks"]) == {"jbb_gcg", "jbb_pair", "jbb_aim"}
     assert std["repair"]["methods"] == ["aird-ridge", "aird-ridge-sparse"]
