@@ -149,7 +149,8 @@ def refusal_measures(lm: LoadedModel, reference: Path | str, saliency: bool = Tr
     if not mods:
         return {**empty, **info, "positions": 0, "d_norm": None}
     U = _probe_vectors(r, probes, seed)
-    share = torch.tensor([1.0] + [1.0 / max(probes, 1)] * probes, device=r.device)   # along r̂, then the others' mean
+    # how the probes combine, in the saliency and in ω_t alike: along r̂, plus the mean of the orthogonal ones
+    share = torch.tensor([1.0] + [1.0 / max(probes, 1)] * probes, device=r.device)
     # per weight matrix, the gradient of uᵀd for every probe u, stacked: [probes + 1, *weight.shape]
     grads = {m: torch.zeros((len(U), *m.weight.shape), dtype=torch.float32, device=m.weight.device)
              for m in mods} if saliency else {}
@@ -200,7 +201,7 @@ def refusal_measures(lm: LoadedModel, reference: Path | str, saliency: bool = Tr
         with torch.no_grad():
             for m in mods:
                 sq = (m.weight.detach().float() * grads.pop(m)) ** 2   # [probes + 1, …]: along r̂, then the others
-                out["saliency"][m] = (sq[0] + (sq[1:].mean(0) if probes else 0)).sqrt()
+                out["saliency"][m] = torch.einsum("p,p...->...", share, sq).sqrt()
     if hessians:
         out["hessians"] = {}
         for m, H in hess.items():

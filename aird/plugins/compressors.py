@@ -114,6 +114,18 @@ def _materialize(lm) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _swapped(owner, attr: str, value):
+    """``owner.attr`` is ``value`` inside the block and what it was after: how aird runs a library's pipeline with
+    one of its functions replaced."""
+    original = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
+
+
 class Magnitude:
     name = "magnitude"
     kind = "pruning"
@@ -269,11 +281,8 @@ def _protected_wanda(saliency: dict, strength: float):
         W[mask] = 0.0
         return W.reshape(shape).to(dtype)
 
-    base.sparsify_weight = sparsify_weight
-    try:
+    with _swapped(base, "sparsify_weight", sparsify_weight):
         yield
-    finally:
-        base.sparsify_weight = original
 
 
 @contextlib.contextmanager
@@ -297,11 +306,8 @@ def _protected_sparsegpt(saliency: dict, strength: float, hessians: dict | None 
         return sparsegpt_protected(module.weight.data, H, saliency[module], strength, sparsity, prune_n, prune_m,
                                    block_size, dampening_frac)
 
-    base.sparsify_weight = sparsify_weight
-    try:
+    with _swapped(base, "sparsify_weight", sparsify_weight):
         yield
-    finally:
-        base.sparsify_weight = original
 
 
 def sparsegpt_protected(weight: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, strength: float,
@@ -462,11 +468,8 @@ def _protected_gptq(hessians: dict, strength: float):
                 H[i] = protected_hessian(H[i], hessians[module], strength)
         return (weights, H, *rest)
 
-    base.prepare_batch = prepare_batch
-    try:
+    with _swapped(base, "prepare_batch", prepare_batch):
         yield
-    finally:
-        base.prepare_batch = original
 
 
 class AWQ(_LLMCQuantizer):
@@ -487,13 +490,9 @@ class AWQ(_LLMCQuantizer):
         _require_llmcompressor(self.name)
         from llmcompressor.pipelines import cache
 
-        original = cache.IntermediatesCache.pin_memory
-        if not torch.cuda.is_available():
-            cache.IntermediatesCache.pin_memory = lambda self, *a, **k: None
-        try:
+        no_pinning = _swapped(cache.IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
+        with contextlib.nullcontext() if torch.cuda.is_available() else no_pinning:
             return super().compress(lm, params, calibration)
-        finally:
-            cache.IntermediatesCache.pin_memory = original
 
 
 class W8A8(_LLMCQuantizer):
