@@ -305,3 +305,35 @@ def test_one_pass_gives_the_saliency_and_the_hessians_of_two(probed):
     assert both["saliency"].keys() == sal.keys() and both["hessians"].keys() == hes.keys() and sal
     assert all(torch.allclose(both["saliency"][m], sal[m], rtol=1e-4, atol=1e-7) for m in sal)
     assert all(torch.allclose(both["hessians"][m], hes[m], rtol=1e-4, atol=1e-7) for m in hes)
+
+
+def test_probes_one_at_a_time_give_what_one_pass_gives(probed):
+    """When the free memory cannot hold every probe's gradient at once, the saliency and the Hessians are taken a
+    chunk of probe vectors at a time (the forward rerun per chunk): the same measures, up to rounding."""
+    from aird.core.protect import refusal_measures
+
+    model_dir, data, probe = probed
+    lm = load_model(str(model_dir), device="cpu")
+    whole = refusal_measures(lm, probe, n_prompts=8, probes=2, data_dir=str(data), chunk=3)
+    single = refusal_measures(lm, probe, n_prompts=8, probes=2, data_dir=str(data), chunk=1)
+    pairs = refusal_measures(lm, probe, n_prompts=8, probes=2, data_dir=str(data), chunk=2)
+    assert (whole["chunk"], single["chunk"], pairs["chunk"]) == (3, 1, 2) and whole["saliency"]
+    assert whole["positions"] == single["positions"] == pairs["positions"] > 0
+    for got in (single, pairs):
+        assert got["d_norm"] == pytest.approx(whole["d_norm"], rel=1e-5)
+        assert all(torch.allclose(got["saliency"][m], s, rtol=1e-4, atol=1e-7) for m, s in whole["saliency"].items())
+        assert all(torch.allclose(got["hessians"][m], h, rtol=1e-4, atol=1e-7) for m, h in whole["hessians"].items())
+    with pytest.raises(AirdError, match="chunk"):
+        refusal_measures(lm, probe, n_prompts=8, probes=2, data_dir=str(data), chunk=0)
+
+
+def test_probe_chunk_fits_the_free_memory():
+    from aird.core.protect import probe_chunk
+
+    w = 10**9                                   # a billion protected weights: 4 GB per float32 copy
+    assert probe_chunk(4, w, 0, 10**12) == 4    # plenty: all four probe vectors in one pass
+    assert probe_chunk(4, w, 0, 24 * 10**9) == 1    # 24 GB: 0.75·24 − 4 = 14 GB, one vector (8 GB) at a time
+    assert probe_chunk(4, w, 0, 40 * 10**9) == 3    # 0.75·40 − 4 = 26 GB: three
+    assert probe_chunk(4, w, 8 * 10**9, 40 * 10**9) == 2    # the Hessians take their share first
+    assert probe_chunk(4, w, 0, 10**9) == 1     # never fewer than one
+    assert probe_chunk(4, 0, 0, 10**9) == 4     # no saliency (Hessians only): nothing scales with the probes

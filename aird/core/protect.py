@@ -135,25 +135,57 @@ def refusal_hessians(lm: LoadedModel, reference: Path | str, n_prompts: int = 32
                             seed=seed, batch_size=batch_size, data_dir=data_dir)
 
 
+def _available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device``: CUDA's free memory, else the system's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62      # unknown (not Linux): as if it were plenty, the single-pass path
+
+
+def probe_chunk(n_vectors: int, weights: int, hessian_bytes: int, available: int, share: float = 0.75) -> int:
+    """How many probe vectors one backward pass can take within ``share`` of ``available`` bytes: the saliency
+    holds, per vector, the batches' summed gradient and the pass's own gradient of every protected weight
+    (float32, ``weights`` of them), beside one running sum and the Hessians. All of them (one pass, the fastest)
+    when they fit; else fewer, each chunk re-running the forward, down to one at a time (three copies of the
+    weights instead of 2·(probes + 1) + 1: what makes the 1.5B model's saliency fit in 24 GB)."""
+    room = share * available - hessian_bytes - 4 * weights
+    fits = int(room // (8 * weights)) if weights else n_vectors
+    return max(1, min(n_vectors, fits))
+
+
 def refusal_measures(lm: LoadedModel, reference: Path | str, saliency: bool = True, hessians: bool = True,
                      n_prompts: int = 32, probes: int = 3, seed: int = 0, batch_size: int = 8,
-                     data_dir: str | None = None) -> dict:
+                     data_dir: str | None = None, chunk: int | None = None) -> dict:
     """:func:`refusal_saliency`'s "saliency" and :func:`refusal_hessians`' "hessians", either or both, from one
-    forward and one batched backward pass per batch of prompts (with the keys of both)."""
+    forward and one batched backward pass per batch of prompts (with the keys of both). ``chunk``: probe vectors
+    per backward pass (None: as many as the free memory holds, :func:`probe_chunk`); with fewer than all of them
+    the forward runs once per chunk and the result is the same up to rounding."""
     if probes < 0:
         raise AirdError("the number of protection probes must be at least 0.")
+    if chunk is not None and chunk < 1:
+        raise AirdError("the protection chunk must be at least 1 probe vector.")
     layer, pos, r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
     info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes}
     mods = [m for i, _n, m in lm.adapter.linears(lm.model) if i < layer]
     empty = {**({"saliency": {}} if saliency else {}), **({"hessians": {}} if hessians else {})}
     if not mods:
-        return {**empty, **info, "positions": 0, "d_norm": None}
+        return {**empty, **info, "positions": 0, "d_norm": None, "chunk": 0}
     U = _probe_vectors(r, probes, seed)
     # how the probes combine, in the saliency and in ω_t alike: along r̂, plus the mean of the orthogonal ones
     share = torch.tensor([1.0] + [1.0 / max(probes, 1)] * probes, device=r.device)
-    # per weight matrix, the gradient of uᵀd for every probe u, stacked: [probes + 1, *weight.shape]
-    grads = {m: torch.zeros((len(U), *m.weight.shape), dtype=torch.float32, device=m.weight.device)
-             for m in mods} if saliency else {}
+    if chunk is None:
+        chunk = probe_chunk(len(U), sum(m.weight.numel() for m in mods) if saliency else 0,
+                            4 * sum(m.in_features ** 2 for m in mods) if hessians else 0,
+                            _available_bytes(mods[0].weight.device))
+    chunk = min(chunk, len(U))
+    starts = range(0, len(U), chunk)
+    sal: dict = {}     # per matrix, Σ over probes of share · (w ∂uᵀd/∂w)², the chunks added up
     hess = {m: torch.zeros((m.in_features, m.in_features), dtype=torch.float32, device=m.weight.device)
             for m in mods} if hessians else {}
     seen: dict = {}
@@ -163,45 +195,55 @@ def refusal_measures(lm: LoadedModel, reference: Path | str, saliency: bool = Tr
 
     d = torch.zeros_like(r)
     positions = 0
-    n_batches = sum(-(-len(t) // batch_size) for t in (harmful, harmless))
+    n_batches = sum(-(-len(t) // batch_size) for t in (harmful, harmless)) * len(starts)
     what = " and ".join(w for w, on in (("saliency", saliency), ("Hessians", hessians)) if on)
     handles = [m.register_forward_hook(keep) for m in mods] if hessians else []
     try:
         with _graph_through(lm, mods), torch.enable_grad(), \
                 current().stage(f"refusal {what} of {len(mods)} matrices", n_batches) as advance:
-            for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
-                d += part.detach()
-                # d is a sum over batches: so is each gradient. Every probe in one batched backward pass (vmap over
-                # the probes), to the weights (saliency) and to the outputs, which are not leaves (Hessians)
-                wanted = ([m.weight for m in mods] if saliency else []) + ([seen[m][1] for m in mods] if hessians else [])
-                gs = list(torch.autograd.grad(part, wanted, grad_outputs=U, is_grads_batched=True, allow_unused=True))
-                if saliency:
-                    for m in mods:
-                        g = gs.pop(0)
-                        if g is not None:
-                            grads[m] += g.float()
-                if hessians:
-                    for m in mods:
-                        g = gs.pop(0)
-                        if g is None:
-                            continue
-                        x = seen[m][0]
-                        w = torch.einsum("p,pbt->bt", share, g.float().pow(2).sum(-1))     # ω_t, [batch, tokens]
-                        xw = (x.float() * w.sqrt().unsqueeze(-1)).reshape(-1, x.shape[-1])
-                        hess[m] += xw.T @ xw
-                    positions += int(seen[mods[0]][0].shape[0] * seen[mods[0]][0].shape[1])
-                seen.clear()
-                advance(1)
+            for first in starts:
+                Uc, sc = U[first:first + chunk], share[first:first + chunk]
+                # per weight matrix, the gradient of uᵀd for every probe u of the chunk, stacked: [chunk, *weight.shape]
+                grads = {m: torch.zeros((len(Uc), *m.weight.shape), dtype=torch.float32, device=m.weight.device)
+                         for m in mods} if saliency else {}
+                for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
+                    if first == 0:
+                        d += part.detach()
+                    # d is a sum over batches: so is each gradient. Every probe of the chunk in one batched backward
+                    # pass (vmap over the probes), to the weights (saliency) and to the outputs, which are not
+                    # leaves (Hessians)
+                    wanted = ([m.weight for m in mods] if saliency else []) + ([seen[m][1] for m in mods] if hessians else [])
+                    gs = list(torch.autograd.grad(part, wanted, grad_outputs=Uc, is_grads_batched=True, allow_unused=True))
+                    if saliency:
+                        for m in mods:
+                            g = gs.pop(0)
+                            if g is not None:
+                                grads[m] += g.float()
+                    if hessians:
+                        for m in mods:
+                            g = gs.pop(0)
+                            if g is None:
+                                continue
+                            x = seen[m][0]
+                            w = torch.einsum("p,pbt->bt", sc, g.float().pow(2).sum(-1))     # ω_t, [batch, tokens]
+                            xw = (x.float() * w.sqrt().unsqueeze(-1)).reshape(-1, x.shape[-1])
+                            hess[m] += xw.T @ xw
+                        if first == 0:
+                            positions += int(seen[mods[0]][0].shape[0] * seen[mods[0]][0].shape[1])
+                    seen.clear()
+                    advance(1)
+                with torch.no_grad():
+                    for m in mods if saliency else ():
+                        sq = (m.weight.detach().float() * grads.pop(m)) ** 2   # [chunk, …]
+                        part_sum = torch.einsum("p,p...->...", sc, sq)
+                        sal[m] = part_sum if m not in sal else sal[m].add_(part_sum)
+                        del sq
     finally:
         for h in handles:
             h.remove()
-    out = {**info, "positions": positions, "d_norm": float(d.norm())}
+    out = {**info, "positions": positions, "d_norm": float(d.norm()), "chunk": chunk}
     if saliency:
-        out["saliency"] = {}
-        with torch.no_grad():
-            for m in mods:
-                sq = (m.weight.detach().float() * grads.pop(m)) ** 2   # [probes + 1, …]: along r̂, then the others
-                out["saliency"][m] = torch.einsum("p,p...->...", share, sq).sqrt()
+        out["saliency"] = {m: sal[m].sqrt_() for m in mods}
     if hessians:
         out["hessians"] = {}
         for m, H in hess.items():

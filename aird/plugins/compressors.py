@@ -218,7 +218,7 @@ class _RefusalPreserving:
                              "measures": list(self.measures),
                              "source": {"layer": got["layer"], "position": got["position"]},
                              "prompts": got["prompts"], "probes": got["probes"], "d_norm": got["d_norm"],
-                             "matrices": len(got[self.measures[0]]), "measure_seconds": measured_s})
+                             "chunk": got["chunk"], "matrices": len(got[self.measures[0]]), "measure_seconds": measured_s})
         return info
 
 
