@@ -337,3 +337,36 @@ def test_probe_chunk_fits_the_free_memory():
     assert probe_chunk(4, w, 8 * 10**9, 40 * 10**9) == 2    # the Hessians take their share first
     assert probe_chunk(4, w, 0, 10**9) == 1     # never fewer than one
     assert probe_chunk(4, 0, 0, 10**9) == 4     # no saliency (Hessians only): nothing scales with the probes
+
+
+def test_level_protection_keeps_the_midpoint_where_it_was(probed, tmp_path):
+    """protect_level adds the midpoint's projection r̂ᵀm to what the saliency and the refusal Hessian protect:
+    pruned by sparsegpt-rp with it, the harmful and harmless means stay closer to where they were along r̂ (on this
+    model m's shift halves: 0.079 → 0.040; Wanda, which has no reconstruction, moves m alike either way), at the
+    same sparsity, and the level's weight is in the record."""
+    from aird.core.diff import open_probe
+    from aird.core.protect import refusal_means, refusal_measures
+
+    model_dir, data, probe = probed
+    unit = open_probe(probe).chosen
+    unit = unit / unit.norm()
+    lm = load_model(str(model_dir), device="cpu")
+    d0, m0 = refusal_means(lm, probe, n_prompts=32, data_dir=str(data))
+    assert torch.allclose(d0, refusal_difference(lm, probe, n_prompts=32, data_dir=str(data)))
+    with_level = refusal_measures(lm, probe, hessians=False, n_prompts=8, probes=0, data_dir=str(data), level=1.0)
+    without = refusal_measures(lm, probe, hessians=False, n_prompts=8, probes=0, data_dir=str(data))
+    assert with_level["level"] == 1.0 and without["level"] == 0.0
+    assert all(bool((with_level["saliency"][m] >= s - 1e-6).all()) for m, s in without["saliency"].items())
+    with pytest.raises(AirdError, match="level"):
+        refusal_measures(lm, probe, n_prompts=8, data_dir=str(data), level=-1.0)
+    moved = {}
+    for name, level in (("d", 0.0), ("dm", 16.0)):
+        lm = load_model(str(model_dir), device="cpu")
+        cfg = CompressConfig(method="sparsegpt-rp", params={"sparsity": 0.5, "reference": str(probe), "protect": 4.0,
+                                                        "protect_level": level},
+                             data_dir=str(data), calib_samples=16, calib_seq_len=64)
+        s = run_compress(lm, cfg, tmp_path / name).summary
+        assert s["sparsity"] == pytest.approx(0.5, abs=1e-3) and s["info"]["protect"]["level"] == level
+        _d, m = refusal_means(load_model(str(tmp_path / name), device="cpu"), probe, n_prompts=32, data_dir=str(data))
+        moved[name] = abs(float((m - m0) @ unit))
+    assert moved["dm"] < 0.75 * moved["d"], moved

@@ -54,7 +54,8 @@ def _setup(lm: LoadedModel, reference, n_prompts: int, data_dir: str | None):
 
 
 def _parts(lm: LoadedModel, layer: int, pos: int, harmful: list[str], harmless: list[str], batch_size: int):
-    """Each batch's share of d (harmful batches +, harmless −), the forward stopped at the source layer."""
+    """Each batch's share of d (harmful batches +, harmless −) and of the midpoint m = (μ_harmful + μ_harmless) / 2,
+    stacked [2, hidden], the forward stopped at the source layer."""
     cur: dict = {}
 
     def grab(_m, args, kwargs):    # not capture_resid: that one detaches, and the saliency needs the graph
@@ -67,7 +68,8 @@ def _parts(lm: LoadedModel, layer: int, pos: int, harmful: list[str], harmless: 
             for texts, sign in ((harmful, 1.0), (harmless, -1.0)):
                 for b in make_batches(lm, texts, batch_size):
                     forward_until(lm, b)
-                    yield cur.pop("h").sum(0) * (sign / len(texts))
+                    h = cur.pop("h").sum(0) / len(texts)
+                    yield torch.stack([h * sign, h * 0.5])
     finally:
         handle.remove()
 
@@ -99,13 +101,22 @@ def _graph_through(lm: LoadedModel, mods: list):
             p.requires_grad_(w)
 
 
-def refusal_difference(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, batch_size: int = 8,
-                       data_dir: str | None = None) -> torch.Tensor:
-    """d of the module docstring for ``lm`` (any model of the reference's shape: the original, or a compressed
-    one), on the same prompts, position and layer as :func:`refusal_saliency` uses."""
+def refusal_means(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, batch_size: int = 8,
+                  data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, m) for ``lm`` (any model of the reference's shape: the original, or a compressed one), on the same
+    prompts, position and layer as :func:`refusal_saliency` uses: d of the module docstring and the midpoint
+    m = (μ_harmful + μ_harmless) / 2, whose projection r̂ᵀm is where the model puts the line between refusing and
+    complying (a shift of it along r̂ moves every prompt towards refusal or away from it alike)."""
     layer, pos, _r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
     with torch.inference_mode():
-        return sum(_parts(lm, layer, pos, harmful, harmless, batch_size)).cpu()
+        both = sum(_parts(lm, layer, pos, harmful, harmless, batch_size)).cpu()
+    return both[0], both[1]
+
+
+def refusal_difference(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, batch_size: int = 8,
+                       data_dir: str | None = None) -> torch.Tensor:
+    """d of the module docstring (:func:`refusal_means`' first)."""
+    return refusal_means(lm, reference, n_prompts, batch_size, data_dir)[0]
 
 
 def refusal_saliency(lm: LoadedModel, reference: Path | str, n_prompts: int = 32, probes: int = 3, seed: int = 0,
@@ -161,24 +172,38 @@ def probe_chunk(n_vectors: int, weights: int, hessian_bytes: int, available: int
 
 def refusal_measures(lm: LoadedModel, reference: Path | str, saliency: bool = True, hessians: bool = True,
                      n_prompts: int = 32, probes: int = 3, seed: int = 0, batch_size: int = 8,
-                     data_dir: str | None = None, chunk: int | None = None) -> dict:
+                     data_dir: str | None = None, chunk: int | None = None, level: float = 0.0) -> dict:
     """:func:`refusal_saliency`'s "saliency" and :func:`refusal_hessians`' "hessians", either or both, from one
     forward and one batched backward pass per batch of prompts (with the keys of both). ``chunk``: probe vectors
     per backward pass (None: as many as the free memory holds, :func:`probe_chunk`); with fewer than all of them
-    the forward runs once per chunk and the result is the same up to rounding."""
+    the forward runs once per chunk and the result is the same up to rounding. ``level``: the weight of one more
+    protected quantity, the midpoint's projection r̂ᵀm (:func:`refusal_means`), beside d along r̂ (weight 1) and
+    orthogonal to it (weight 1 shared by the probes); with both r̂ᵀd and r̂ᵀm kept, each side's mean projection is,
+    so compression shifts neither harmful nor harmless prompts towards refusal (0: d alone, as before)."""
     if probes < 0:
         raise AirdError("the number of protection probes must be at least 0.")
+    if level < 0:
+        raise AirdError("the protection's level weight must be at least 0.")
     if chunk is not None and chunk < 1:
         raise AirdError("the protection chunk must be at least 1 probe vector.")
     layer, pos, r, harmful, harmless = _setup(lm, reference, n_prompts, data_dir)
-    info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes}
+    info = {"layer": layer, "position": pos, "prompts": [len(harmful), len(harmless)], "probes": probes,
+            "level": level}
     mods = [m for i, _n, m in lm.adapter.linears(lm.model) if i < layer]
     empty = {**({"saliency": {}} if saliency else {}), **({"hessians": {}} if hessians else {})}
     if not mods:
         return {**empty, **info, "positions": 0, "d_norm": None, "chunk": 0}
-    U = _probe_vectors(r, probes, seed)
-    # how the probes combine, in the saliency and in ω_t alike: along r̂, plus the mean of the orthogonal ones
-    share = torch.tensor([1.0] + [1.0 / max(probes, 1)] * probes, device=r.device)
+    # the vectors each batch's [d, m] parts are differentiated along, [vectors, 2, hidden]: (u, 0) for r̂ and the
+    # orthogonal probes of d, then (0, r̂) for the midpoint's level when it is protected
+    Ud = _probe_vectors(r, probes, seed)
+    U = torch.stack([Ud, torch.zeros_like(Ud)], 1)
+    weights = [1.0] + [1.0 / max(probes, 1)] * probes
+    if level > 0:
+        U = torch.cat([U, torch.stack([torch.zeros_like(r), r])[None]])
+        weights.append(level)
+    # how the vectors combine, in the saliency and in ω_t alike: along r̂, plus the mean of the orthogonal ones,
+    # plus the level's weight
+    share = torch.tensor(weights, device=r.device)
     if chunk is None:
         chunk = probe_chunk(len(U), sum(m.weight.numel() for m in mods) if saliency else 0,
                             4 * sum(m.in_features ** 2 for m in mods) if hessians else 0,
@@ -208,7 +233,7 @@ def refusal_measures(lm: LoadedModel, reference: Path | str, saliency: bool = Tr
                          for m in mods} if saliency else {}
                 for part in _parts(lm, layer, pos, harmful, harmless, batch_size):
                     if first == 0:
-                        d += part.detach()
+                        d += part[0].detach()
                     # d is a sum over batches: so is each gradient. Every probe of the chunk in one batched backward
                     # pass (vmap over the probes), to the weights (saliency) and to the outputs, which are not
                     # leaves (Hessians)

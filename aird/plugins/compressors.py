@@ -192,7 +192,7 @@ class _RefusalPreserving:
     the method's. A subclass names what it measures and the context manager that patches its method."""
 
     params = {"sparsity": 0.5, "pattern": None, "reference": None, "protect": 1.0, "protect_prompts": 32,
-              "protect_probes": 3}
+              "protect_probes": 3, "protect_level": 0.0}
     measures = ("saliency",)          # what aird.core.protect.refusal_measures computes for it: saliency, hessians
 
     def _protected(self, got: dict, strength: float):
@@ -210,15 +210,15 @@ class _RefusalPreserving:
         t = time.perf_counter()
         got = refusal_measures(lm, params["reference"], saliency="saliency" in self.measures,
                                hessians="hessians" in self.measures, n_prompts=params["protect_prompts"],
-                               probes=params["protect_probes"])
+                               probes=params["protect_probes"], level=params["protect_level"])
         measured_s = round(time.perf_counter() - t, 3)
         with self._protected(got, params["protect"]):
             info = super().compress(lm, params, calibration)
         info.update(protect={"strength": params["protect"], "reference": str(params["reference"]),
                              "measures": list(self.measures),
                              "source": {"layer": got["layer"], "position": got["position"]},
-                             "prompts": got["prompts"], "probes": got["probes"], "d_norm": got["d_norm"],
-                             "chunk": got["chunk"], "matrices": len(got[self.measures[0]]), "measure_seconds": measured_s})
+                             "prompts": got["prompts"], "probes": got["probes"], "level": got["level"],
+                             "d_norm": got["d_norm"], "chunk": got["chunk"], "matrices": len(got[self.measures[0]]), "measure_seconds": measured_s})
         return info
 
 
@@ -443,7 +443,7 @@ class GPTQRP(_RefusalPreserving, GPTQ):
     name = "gptq-rp"
     description = "refusal-preserving GPTQ: GPTQ's Hessian plus the refusal-weighted one (--reference PROBE)"
     params = {"bits": 4, "group_size": 128, "reference": None, "protect": 1.0, "protect_prompts": 32,
-              "protect_probes": 3}
+              "protect_probes": 3, "protect_level": 0.0}
     measures = ("hessians",)
 
     def _protected(self, got, strength):
