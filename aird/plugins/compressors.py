@@ -191,8 +191,9 @@ class _RefusalPreserving:
     (GPTQ: ``refusal_hessians`` beside its Hessian) changed, so the sparsity, N:M pattern, bits and grid are exactly
     the method's. A subclass names what it measures and the context manager that patches its method."""
 
-    params = {"sparsity": 0.5, "pattern": None, "reference": None, "protect": 1.0, "protect_prompts": 32,
-              "protect_probes": 3, "protect_level": 0.0}
+    protect_params = {"reference": None, "protect": 1.0, "protect_prompts": 32, "protect_probes": 3,
+                      "protect_level": 0.0}
+    params = {"sparsity": 0.5, "pattern": None, **protect_params}
     measures = ("saliency",)          # what aird.core.protect.refusal_measures computes for it: saliency, hessians
 
     def _protected(self, got: dict, strength: float):
@@ -218,7 +219,8 @@ class _RefusalPreserving:
                              "measures": list(self.measures),
                              "source": {"layer": got["layer"], "position": got["position"]},
                              "prompts": got["prompts"], "probes": got["probes"], "level": got["level"],
-                             "d_norm": got["d_norm"], "chunk": got["chunk"], "matrices": len(got[self.measures[0]]), "measure_seconds": measured_s})
+                             "d_norm": got["d_norm"], "chunk": got["chunk"], "matrices": len(got[self.measures[0]]),
+                             "measure_seconds": measured_s})
         return info
 
 
@@ -442,8 +444,7 @@ class GPTQRP(_RefusalPreserving, GPTQ):
 
     name = "gptq-rp"
     description = "refusal-preserving GPTQ: GPTQ's Hessian plus the refusal-weighted one (--reference PROBE)"
-    params = {"bits": 4, "group_size": 128, "reference": None, "protect": 1.0, "protect_prompts": 32,
-              "protect_probes": 3, "protect_level": 0.0}
+    params = {"bits": 4, "group_size": 128, **_RefusalPreserving.protect_params}
     measures = ("hessians",)
 
     def _protected(self, got, strength):
