@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,43 @@ def test_sigterm_after_the_command_ended_leaves_its_exit_code(tmp_path):
         "time.sleep(0.5)\n"
         "sys.exit(7)\n", timeout=120)
     assert r.returncode == 7, (r.returncode, r.stderr)
+
+
+@pytest.mark.parametrize("where", ["__del__", "weakref callback"])
+def test_sigterm_whose_handler_runs_in_a_finalizer_still_ends_the_run(where):
+    """Python does not propagate an exception raised in a ``__del__`` or a weakref callback (it goes to
+    ``sys.unraisablehook``). A SIGTERM whose handler ran there (seen in a study: while vLLM's engine was being
+    freed after an evaluation, and the run went on) must still end the run, and the hook is put back after."""
+    import weakref
+
+    from aird.core.reliability import Terminated, sigterm_as_exception
+
+    state = {"finalizer_finished": False, "after": 0}
+
+    def finalize(*_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):    # bytecode: the handler runs here, inside the finalizer
+            pass
+        state["finalizer_finished"] = True
+
+    class Engine:
+        pass
+
+    if where == "__del__":
+        Engine.__del__ = lambda self: finalize()
+    hook = sys.unraisablehook
+    with pytest.raises(Terminated):
+        with sigterm_as_exception():
+            engine = Engine()
+            if where != "__del__":
+                weakref.finalize(engine, finalize)
+            del engine
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                state["after"] += 1
+    assert not state["finalizer_finished"]         # the handler did run inside the finalizer
+    assert time.monotonic() < deadline             # and the run was still stopped, right after it
+    assert sys.unraisablehook is hook
 
 
 def _eval_cmd(model, data, out):

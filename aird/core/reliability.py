@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -38,7 +39,14 @@ class OutputLocked(AirdError):
 # ---- SIGTERM ----------------------------------------------------------------------------------------------
 @contextmanager
 def sigterm_as_exception() -> Iterator[None]:
-    """Inside the block SIGTERM raises :class:`Terminated` in the main thread (the previous handler is restored)."""
+    """Inside the block SIGTERM raises :class:`Terminated` in the main thread (the previous handler and
+    ``sys.unraisablehook`` are restored).
+
+    Python runs a signal handler wherever the main thread is, also inside a ``__del__`` or a weakref callback
+    (freeing vLLM's engine after an evaluation runs many), and an exception raised there is not propagated: it
+    goes to ``sys.unraisablehook`` and the run goes on. So a :class:`Terminated` that ends there has SIGTERM sent
+    again a moment later, from a thread (sent from the hook itself, its handler would run inside the hook, where
+    an exception is ignored too), to be raised where an exception unwinds the run."""
     def _raise(signum, frame):
         raise Terminated()
 
@@ -47,9 +55,21 @@ def sigterm_as_exception() -> Iterator[None]:
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    previous_hook = sys.unraisablehook
+
+    def _swallowed(unraisable) -> None:
+        if unraisable.exc_type is Terminated:
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
+            again.daemon = True
+            again.start()
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = _swallowed
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
 
 
