@@ -302,6 +302,36 @@ def test_ridge_edits_change_the_projection_by_alpha_u():
     assert torch.linalg.matrix_rank((dense - w).double(), atol=1e-4) == 1
 
 
+def test_ridge_fit_of_k_targets_is_k_column_fits():
+    """A [N, k] target is k ridge regressions with one λ: column j of u is the fit of target column j alone."""
+    from aird.core.repair import fit_rank_one
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 12, generator=g)
+    t = x @ torch.randn(12, 3, generator=g) + 0.1 * torch.randn(300, 3, generator=g)
+    groups = torch.arange(300) // 5
+    both = fit_rank_one(x, t, groups, ridge=0.01)
+    assert both["u"].shape == (12, 3)
+    for j in range(3):
+        assert torch.allclose(both["u"][:, j], fit_rank_one(x, t[:, j], groups, ridge=0.01)["u"], atol=1e-5)
+    assert fit_rank_one(x, t, groups)["ridge"] in (1e-3, 1e-2)   # cross-validated over all columns at once
+
+
+def test_subspace_edit_changes_k_projections_by_alpha_U():
+    """W + α V U changes the projections on the basis V by α U, with a rank-k update, and nothing outside V."""
+    from aird.plugins.repairs import RidgeSubspace
+
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(16, 24, generator=g)
+    V = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64))[0].float()
+    U = torch.randn(3, 24, generator=g)
+    new = RidgeSubspace().edit(w, V, 1.5, fit=U)
+    assert torch.allclose(V.double().T @ (new - w).double(), 1.5 * U.double(), atol=1e-4)
+    P = torch.eye(16, dtype=torch.float64) - V.double() @ V.double().T
+    assert torch.allclose(P @ (new - w).double(), torch.zeros(16, 24, dtype=torch.float64), atol=1e-5)
+    assert torch.linalg.matrix_rank((new - w).double(), atol=1e-4) == 3
+
+
 def _calibration(study):
     """The original probe's unit direction, the original model's path, and its calibration prompts (harmful and
     harmless training splits) formatted for the tiny model."""
@@ -336,6 +366,31 @@ def test_ridge_repair_moves_projections_towards_the_original(study, tmp_path):
     rep = load_model(str(tmp_path / "ridge"), device="cpu")
     _, p_r, _ = writer_rows(rep, texts, 1, [], unit, 16)
     before, after = ((p_c - p_o) ** 2).mean(), ((p_r - p_o) ** 2).mean()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_subspace_repair_puts_back_the_residual_where_compression_changed_it(study, tmp_path, monkeypatch):
+    """α = 1 of the rank-k fit brings the compressed model's whole residual after the edited block closer to the
+    original's (not only its projection on r̂), and records the subspace it fitted."""
+    from aird.core.repair import writer_rows
+    from aird.plugins.repairs import RidgeSubspace
+
+    monkeypatch.setattr(RidgeSubspace, "rank", 8)      # the tiny model's residual has 64 dimensions: fit fewer
+    method = "aird-subspace"
+    root, data = study
+    unit, orig_path, texts = _calibration(study)
+    eye = torch.eye(unit.numel())
+    _, h_o, _ = writer_rows(load_model(orig_path, device="cpu"), texts, 1, [], eye, 16)
+    lm = load_model(str(root / "pruned"), device="cpu")
+    _, h_c, _ = writer_rows(lm, texts, 1, [], eye, 16)
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method=method, layer=1, matrix="both", alpha=1.0,
+                                                         judge="score", check_on=[], data_dir=str(data),
+                                                         fit_positions="all"), tmp_path / "sub")
+    f = s["fit"]
+    assert f["rank"] == 8 and 0 < f["energy"] <= 1 and 0 <= f["refusal_direction_in_subspace"] <= 1 + 1e-6
+    assert f["rows"] == len(h_o) and f["cv_r2"] is not None
+    _, h_r, _ = writer_rows(load_model(str(tmp_path / "sub"), device="cpu"), texts, 1, [], eye, 16)
+    before, after = ((h_c - h_o) ** 2).sum(), ((h_r - h_o) ** 2).sum()
     assert after < 0.7 * before, (before, after)
 
 

@@ -417,7 +417,9 @@ def repair_cmd(
     method: str = typer.Option(RepairConfig.method, help="Repair plugin: aird-ridge (fitted to the original's projections; dense) "
                                             "or aird-ridge-sparse (keeps sparsity), aird (the paper's edit: amplifies what "
                                             "the matrix writes along r̂) or aird-sparse, aird-grid or aird-ridge-grid "
-                                            "(quantized models: stays on their grid)."),
+                                            "(quantized models: stays on their grid), aird-subspace (rank 64: fitted "
+                                            "to the original's residual in the directions compression changed most; "
+                                            "dense)."),
     layer: str = typer.Option("default", help="Layer to edit: a number, default (the one below the source), "
                                               "selective (the matrices that write r̂ most selectively on harmful "
                                               "prompts), gap (the blocks where compression took away most of the "

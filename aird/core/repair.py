@@ -281,8 +281,8 @@ def choose_trial(trials: list[dict]) -> tuple[dict, bool]:
 def writer_rows(lm: LoadedModel, texts: list[str], layer: int, mats: list[str], unit: torch.Tensor,
                 batch_size: int, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At every prompt token (or only the ``last`` tokens of each prompt: the post-instruction ones): the inputs of the matrices ``mats`` of block ``layer``, concatenated ([N, Σ d_in];
-    empty with no matrices), the residual stream's projection on r̂ after that block ([N]), and the index of the
-    token's prompt ([N])."""
+    empty with no matrices), the residual stream's projection on r̂ after that block ([N]; with ``unit`` a [d, m]
+    basis, its m projections [N, m]), and the index of the token's prompt ([N])."""
     block = lm.adapter.layers(lm.model)[layer]
     mods = [lm.adapter.out_proj(block, w) for w in mats]
     cur: dict = {}
@@ -323,17 +323,20 @@ def fit_rank_one(x: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, ri
     """The u minimising Σ (uᵀx − t)² + λ‖u‖², λ = ridge · tr(XᵀX)/d: the rank-one update r̂ uᵀ whose change of the
     residual's projection on r̂, uᵀx, best matches the target t. ``ridge`` None picks it from RIDGE_GRID by
     cross-validation over ``folds`` folds of whole prompts (rows of one prompt never straddle two folds); the
-    record keeps the cross-validated and the training R²."""
+    record keeps the cross-validated and the training R².
+
+    A target of k columns ([N, k]: the projections on k directions) gives u of shape [d, k], one ridge
+    regression per column with one λ for all (the R² pooled over the columns)."""
     X, t = x.double(), target.double()
     G, b = X.T @ X, X.T @ t
     d = G.shape[0]
     scale = float(G.trace()) / d or 1.0
     eye = torch.eye(d, dtype=torch.float64)
-    sst = float(((t - t.mean()) ** 2).sum()) or 1.0
+    sst = float(((t - t.mean(0)) ** 2).sum()) or 1.0
 
     def solve(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
         chol = torch.linalg.cholesky(gram + lam * scale * eye)
-        return torch.cholesky_solve(rhs.unsqueeze(1), chol).squeeze(1)
+        return torch.cholesky_solve(rhs.reshape(d, -1), chol).reshape(rhs.shape)
 
     grid = [ridge] if ridge is not None else list(RIDGE_GRID)
     cv: dict[float, float] = {}
@@ -355,18 +358,42 @@ def fit_rank_one(x: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, ri
             "train_r2": 1 - float(((X @ u - t) ** 2).sum()) / sst, "rows": int(X.shape[0]), "dim": d}
 
 
+def subspace_basis(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
+    """The ``rank`` leading right singular vectors of the rows of ``diff`` (original minus compressed residual,
+    [N, d]) as a [d, rank] orthonormal basis, and the share of Σ‖diff‖² they carry. Not centred: the mean
+    difference is part of what the repair puts back."""
+    _, s, vh = torch.linalg.svd(diff.double(), full_matrices=False)
+    rank = min(rank, vh.shape[0])
+    energy = s.pow(2)
+    return vh[:rank].T.float().contiguous(), float(energy[:rank].sum() / energy.sum().clamp_min(1e-300))
+
+
 def _fit_candidates(lm: LoadedModel, orig: LoadedModel, texts: list[str], candidates, unit: torch.Tensor,
-                    ridge: float | None, batch_size: int, last: int | None = None) -> dict[int, dict]:
+                    ridge: float | None, batch_size: int, last: int | None = None, rank: int | None = None
+                    ) -> dict[int, dict]:
     """One ridge fit per candidate: the matrices' inputs in the compressed model, the target the original
     model's projection minus the compressed model's, after the edited block, at every calibration token (or
-    at each prompt's ``last`` tokens)."""
+    at each prompt's ``last`` tokens). With ``rank`` (a subspace repair), the projections on the ``rank`` leading
+    principal directions of the whole residual difference there (``basis`` in the fit), not on r̂ alone."""
     fits = {}
     for k, (layer, mats) in enumerate(candidates):
-        x, p_c, groups = writer_rows(lm, texts, layer, mats, unit, batch_size, last)
-        _, p_o, _ = writer_rows(orig, texts, layer, [], unit, batch_size, last)
-        fit = fit_rank_one(x, p_o - p_c, groups, ridge)
+        if rank:
+            eye = torch.eye(unit.numel())
+            x, h_c, groups = writer_rows(lm, texts, layer, mats, eye, batch_size, last)
+            _, h_o, _ = writer_rows(orig, texts, layer, [], eye, batch_size, last)
+            basis, energy = subspace_basis(h_o - h_c, rank)
+            p_c, p_o = h_c @ basis, h_o @ basis
+            fit = fit_rank_one(x, p_o - p_c, groups, ridge)
+            fit.update(basis=basis, rank=basis.shape[1], energy=energy,
+                       refusal_direction_in_subspace=float((basis.T @ unit.float()).norm()))
+            fit["u"] = fit["u"].T.contiguous()                  # [rank, Σ d_in]
+            p_c, p_o = h_c @ unit.float(), h_o @ unit.float()    # the record's means stay those along r̂
+        else:
+            x, p_c, groups = writer_rows(lm, texts, layer, mats, unit, batch_size, last)
+            _, p_o, _ = writer_rows(orig, texts, layer, [], unit, batch_size, last)
+            fit = fit_rank_one(x, p_o - p_c, groups, ridge)
         dims = [lm.adapter.out_proj(lm.adapter.layers(lm.model)[layer], w).in_features for w in mats]
-        fit["parts"] = list(fit["u"].split(dims))
+        fit["parts"] = list(fit["u"].split(dims, dim=-1))
         fit["target_mean"] = {"original": float(p_o.mean()), "compressed": float(p_c.mean())}
         fits[k] = fit
     return fits
@@ -449,7 +476,7 @@ def _apply(repair, mats: list[torch.nn.Linear], unit: torch.Tensor, alpha: float
     with torch.no_grad():
         for k, m in enumerate(mats):
             saved.append(m.weight.data.clone())
-            r = unit.to(m.weight.device)
+            r = (fit["basis"] if fit is not None and "basis" in fit else unit).to(m.weight.device)
             new = (repair.edit(m.weight.data, r, alpha, fit=fit["parts"][k].to(m.weight.device)) if fit is not None
                    else repair.edit(m.weight.data, r, alpha))
             if grids is not None:
@@ -604,7 +631,8 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                 calib = format_prompts(lm, sets.harmful_train + sets.harmless_train + fit_extra, pcfg.system_prompt)
                 last = (len(lm.adapter.post_instruction_positions(lm.tokenizer, pcfg.system_prompt))
                         if cfg.fit_positions == "post" else None)
-                fits = _fit_candidates(lm, orig, calib, candidates, unit, cfg.ridge, cfg.batch_size, last)
+                fits = _fit_candidates(lm, orig, calib, candidates, unit, cfg.ridge, cfg.batch_size, last,
+                                       getattr(repair, "rank", None))
             if check is not None:
                 judged["original"] = check.refused(orig, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
                                                    cfg.batch_size)
@@ -693,7 +721,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
         layer_ranking=ranking_by if ranking_by in ("selective", "gap") else None,
         ranking=ranking[:10] if ranking else None,
         gaps=sorted(gaps, key=lambda r: r["layer"]) if gaps else None,
-        fit={k: v for k, v in best_fit.items() if k not in ("u", "parts")} if best_fit else None,
+        fit={k: v for k, v in best_fit.items() if k not in ("u", "parts", "basis")} if best_fit else None,
         grid=({"matrices": dict(zip(best_mats, grid_reports)),
                "on_grid": all(on_grid(m.weight.data, g) for m, g in zip(_targets(lm, best["layer"], best_mats),
                                                                           best_grids))} if best_grids else None),

@@ -20,6 +20,16 @@ where the reply is decided (``--fit-positions all``: every prompt token). α = 1
 the least-squares match; the search scales it. The sparse variant restricts r̂ uᵀ to the kept weights with the
 same change of each column's projection on r̂: ΔW[S_j, j] = r̂_{S_j} · α u_j / ‖r̂_{S_j}‖².
 
+The subspace variants (``aird-subspace``, ``aird-subspace-sparse``) fit more than r̂: compression changes the
+residual stream after a block in many directions, and putting back only its projection on r̂ also adds refusal
+where the compressed model's other changes already pushed towards it (over-refusal on borderline benign prompts,
+docs/generalization.md). They take the k (``rank``, 64) leading right singular vectors V of the original-minus-
+compressed residual after the edited block at the calibration tokens, and fit U [k, in] by the same ridge
+regression, one column per direction: W' = W + α V U (rank k), dense. (No sparse variant: restricting V U to the
+kept weights column by column with the same k projections, as ``aird-ridge-sparse`` does for r̂, writes about as
+much outside V as inside it, and on the tiny test model left the residual further from the original's than the
+compressed model's.)
+
 The grid variants (``aird-grid``, ``aird-ridge-grid``) are for quantized models: the same dense edit, then
 snapped onto the model's quantization grid (aird/core/qgrid.py: same bits and scales, only integer codes
 change), so the repaired model is still the quantized model a serving engine loads. The repair records how
@@ -69,7 +79,9 @@ class RidgeRankOne:
     layer_ranking = "gap"      # a fit puts back a difference: it belongs where compression made it
 
     def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
-        return (weight.double() + alpha * torch.outer(unit.double(), fit.double())).to(weight.dtype)
+        # r̂ [d] with u [in]; or a subspace repair's basis V [d, k] with U [k, in]: W + α V U
+        basis = unit.double().reshape(unit.shape[0], -1)
+        return (weight.double() + alpha * basis @ fit.double().reshape(basis.shape[1], -1)).to(weight.dtype)
 
 
 class SparseRidgeRankOne:
@@ -81,6 +93,13 @@ class SparseRidgeRankOne:
 
     def edit(self, weight: torch.Tensor, unit: torch.Tensor, alpha: float, fit: torch.Tensor) -> torch.Tensor:
         return _restricted(weight, unit, alpha * fit)
+
+
+class RidgeSubspace(RidgeRankOne):
+    name = "aird-subspace"
+    description = ("rank-k update V U fitted by ridge regression to the original model's residual in the k leading "
+                   "directions of what compression changed there (dense)")
+    rank = 64
 
 
 class GridRankOne(RankOne):
@@ -101,5 +120,6 @@ def aird_register_repairs(register):
     register(SparseRankOne())
     register(RidgeRankOne())
     register(SparseRidgeRankOne())
+    register(RidgeSubspace())
     register(GridRankOne())
     register(GridRidgeRankOne())
