@@ -20,10 +20,10 @@ where the reply is decided (``--fit-positions all``: every prompt token). α = 1
 the least-squares match; the search scales it. The sparse variant restricts r̂ uᵀ to the kept weights with the
 same change of each column's projection on r̂: ΔW[S_j, j] = r̂_{S_j} · α u_j / ‖r̂_{S_j}‖².
 
-The subspace variants (``aird-subspace``, ``aird-subspace-sparse``) fit more than r̂: compression changes the
-residual stream after a block in many directions, and putting back only its projection on r̂ also adds refusal
-where the compressed model's other changes already pushed towards it (over-refusal on borderline benign prompts,
-docs/generalization.md). They take the k (``rank``, 64) leading right singular vectors V of the original-minus-
+The subspace variant (``aird-subspace``) fits more than r̂: compression changes the residual stream after a block
+in many directions, and putting back only its projection on r̂ also adds refusal where the compressed model's
+other changes already pushed towards it (over-refusal on borderline benign prompts, docs/generalization.md). It
+takes the k (``rank``, 64) leading right singular vectors V of the original-minus-
 compressed residual after the edited block at the calibration tokens, and fit U [k, in] by the same ridge
 regression, one column per direction: W' = W + α V U (rank k), dense. (No sparse variant: restricting V U to the
 kept weights column by column with the same k projections, as ``aird-ridge-sparse`` does for r̂, writes about as
