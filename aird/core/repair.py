@@ -382,8 +382,7 @@ def _fit_candidates(lm: LoadedModel, orig: LoadedModel, texts: list[str], candid
             x, h_c, groups = writer_rows(lm, texts, layer, mats, eye, batch_size, last)
             _, h_o, _ = writer_rows(orig, texts, layer, [], eye, batch_size, last)
             basis, energy = subspace_basis(h_o - h_c, rank)
-            p_c, p_o = h_c @ basis, h_o @ basis
-            fit = fit_rank_one(x, p_o - p_c, groups, ridge)
+            fit = fit_rank_one(x, (h_o - h_c) @ basis, groups, ridge)
             fit.update(basis=basis, rank=basis.shape[1], energy=energy,
                        refusal_direction_in_subspace=float((basis.T @ unit.float()).norm()))
             fit["u"] = fit["u"].T.contiguous()                  # [rank, Σ d_in]
