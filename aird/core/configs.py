@@ -112,6 +112,7 @@ class RepairConfig:
     check_limit: int = 50                # prompts per check set (stratified, seeded); 0 or [] skips the check
     ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
     fit_positions: str = "post"          # fitting repairs: the tokens fitted: the post-instruction ones, or every prompt token
+    fit_text: int = 128                  # aird-compensate: plain-text windows (128 tokens of WikiText-2's end) in its calibration
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None
@@ -148,6 +149,8 @@ class RepairConfig:
 
             if not getattr(get("repair", self.method), "fits", False):
                 raise AirdError(f"--fit-on applies to the fitting repair methods (aird-ridge*), not {self.method!r}.")
+        if self.fit_text < 0:
+            raise AirdError(f"--fit-text must be 0 or more windows, not {self.fit_text}.")
         if self.fit_positions not in FIT_POSITIONS:
             raise AirdError(f"--fit-positions must be {' or '.join(FIT_POSITIONS)}, not {self.fit_positions!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):

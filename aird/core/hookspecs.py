@@ -87,6 +87,8 @@ class Repair(Protocol):
     # ``edit(weight, unit, alpha, fit=u)`` with the fitted vector u for that matrix; ``alpha_grid`` (a tuple)
     # replaces the α grid that --alpha auto searches; ``layer_ranking`` ("selective" or "gap") is how --layer auto
     # chooses the layer for this method (default "selective": the matrices that already write r̂ most selectively).
+    # ``compensates = True`` (with ``rank`` and ``ridge``) makes aird fit every block in turn instead
+    # (aird.core.compensate) and call ``edit(weight, None, alpha, fit=ΔW)`` with each writer's fitted change.
 
     def edit(self, weight: Any, unit: Any, alpha: float) -> Any: ...
 

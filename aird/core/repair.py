@@ -576,6 +576,9 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     tuned_origins = origins(seen, cfg.data_dir)
     check = (_Check(list(cfg.check_on), cfg.check_limit, seen, tuned_origins, cfg.data_dir, pcfg.seed)
              if cfg.check_on and cfg.check_limit > 0 else None)
+    if getattr(repair, "compensates", False):
+        return _run_compensation(lm, repair, cfg, ref, pcfg, sets, fit_extra, seen, tuned_origins, check,
+                                 check_scorer, run, sw, rep, out, jsonl, t0)
     ranking = gaps = None
     if ranking_by == "selective":
         with sw("ranking"), rep.stage("ranking the residual-writing matrices by selectivity", 1) as advance:
@@ -733,6 +736,68 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                     "target_harmful_refusal_rate": target, "harmless_guard": guard, "guard_on": guard_key,
                     "target_reached": ok,
                     "trials": trials, "n_harmful": len(harmful), "n_harmless": len(harmless)},
+        seconds=round(time.perf_counter() - t0, 3), timings=dict(run.timings), out=str(out), path=str(out),
+    )
+    write_jsonl(jsonl, [summary, *check_rows])
+    return summary
+
+
+def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, sets, fit_extra: list, seen: list[str],
+                      tuned_origins: set[str], check, check_scorer, run: Run, sw: Stopwatch, rep: Reporter, out: Path,
+                      jsonl: Path, t0: float) -> dict:
+    """A repair that corrects every block (``compensates``, aird/core/compensate.py): no layer, matrix or α
+    search; the least-squares fit (α 1, or the α given) of every block in turn, then the held-out check."""
+    from aird.core.compensate import compensate, plain_text_windows
+
+    alpha = 1.0 if cfg.alpha == "auto" else float(cfg.alpha)
+    ridge = cfg.ridge if cfg.ridge is not None else repair.ridge
+    judged: dict[str, list[bool]] = {}
+    before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
+    if check is not None:
+        with sw("check"), rep.stage("the held-out check of the compressed model (generation)", 1) as advance:
+            judged["compressed"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
+                                                 cfg.batch_size)
+            advance(1)
+    texts = format_prompts(lm, sets.harmful_train + sets.harmless_train + fit_extra, pcfg.system_prompt)
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    plain = plain_text_windows(lm, cfg.fit_text, cfg.data_dir)
+    with _original_model(ref, lm.device, lm.info.get("dtype")) as orig:
+        if check is not None:
+            with sw("check"), rep.stage("the held-out check of the original model (generation)", 1) as advance:
+                judged["original"] = check.refused(orig, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
+                                                   cfg.batch_size)
+                advance(1)
+        with sw("fit"), rep.stage("fitting every block to the original model", lm.n_layers) as advance:
+            blocks = compensate(lm, orig, ids + plain, repair, ridge, alpha, cfg.batch_size, advance)
+    check_summary, check_rows = None, []
+    if check is not None:
+        with sw("check"), rep.stage("the held-out check of the repaired model (generation)", 1) as advance:
+            judged["repaired"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
+                                               cfg.batch_size)
+            advance(1)
+        check_summary, check_rows = check.report(judged)
+        check_rows = [run.record(r.pop("record"), **r) for r in check_rows]
+    with sw("save"):
+        save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
+                                                                    "method": repair.name})
+    sb, sa = summarize(before), summarize(decoder_linear_weights(lm.model.state_dict()))
+    adapter_params = sum(b[w]["rank"] * (m.in_features + m.out_features)
+                         for b, blk in zip(blocks, lm.adapter.layers(lm.model))
+                         for w, m in (("attn", lm.adapter.out_proj(blk, "attn")), ("mlp", lm.adapter.out_proj(blk, "mlp"))))
+    summary = run.record(
+        "repair.summary", method=repair.name, layer="all", matrix="attn+mlp", alpha=alpha, rank=repair.rank,
+        ridge=ridge, source_layer=ref.summary["source"]["layer"], reference_source=ref.summary["source"],
+        sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
+        layer_sparsity=[{"layer": b["layer"], "before": lb["sparsity"], "after": la["sparsity"]}
+                        for b, lb, la in zip(blocks, sb["per_layer"], sa["per_layer"])],
+        blocks=blocks, adapter_parameters=adapter_params,
+        calibration={"prompts": len(ids), "plain_text_windows": len(plain),
+                     "plain_text": "WikiText-2 test, its last tokens (the perplexity evaluation reads its first)",
+                     "tokens": sum(map(len, ids + plain))},
+        tuned_on={"sets": seen, "tune_sets": [], "fit_sets": list(cfg.fit_on or []), "n_fit_extra": len(fit_extra),
+                  "origins": sorted(tuned_origins)},
+        check=({"sets": check_summary, "scorer": check_scorer.name, "max_new_tokens": cfg.max_new_tokens,
+                "limit": cfg.check_limit} if check is not None else None),
         seconds=round(time.perf_counter() - t0, 3), timings=dict(run.timings), out=str(out), path=str(out),
     )
     write_jsonl(jsonl, [summary, *check_rows])

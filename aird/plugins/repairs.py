@@ -30,6 +30,11 @@ kept weights column by column with the same k projections, as ``aird-ridge-spars
 much outside V as inside it, and on the tiny test model left the residual further from the original's than the
 compressed model's.)
 
+The compensating variant (``aird-compensate``) goes further: a rank-k (64) update of both writers of every
+block, fitted block by block to the original model's residual stream at every token of prompts and plain text, the
+blocks below already corrected (aird/core/compensate.py). No search: the least-squares fit. Dense, and larger:
+about 2% of the 0.5B model's parameters as an adapter.
+
 The grid variants (``aird-grid``, ``aird-ridge-grid``) are for quantized models: the same dense edit, then
 snapped onto the model's quantization grid (aird/core/qgrid.py: same bits and scales, only integer codes
 change), so the repaired model is still the quantized model a serving engine loads. The repair records how
@@ -102,6 +107,19 @@ class RidgeSubspace(RidgeRankOne):
     rank = 64
 
 
+class Compensate:
+    name = "aird-compensate"
+    description = ("rank-k updates of every block's o_proj and down_proj, fitted block by block to the original "
+                   "model's residual stream on prompts and plain text (dense)")
+    compensates = True       # the core fits and applies it block by block: aird/core/compensate.py
+    rank = 64
+    ridge = 0.1
+
+    def edit(self, weight: torch.Tensor, unit: torch.Tensor | None, alpha: float, fit: torch.Tensor) -> torch.Tensor:
+        # fit: the block's fitted low-rank change V U [d_out, d_in] (unit unused: the fit spans its own directions)
+        return (weight.double() + alpha * fit.double()).to(weight.dtype)
+
+
 class GridRankOne(RankOne):
     name = "aird-grid"
     description = "the rank-one edit snapped onto the quantized model's grid (only integer codes change)"
@@ -121,5 +139,6 @@ def aird_register_repairs(register):
     register(RidgeRankOne())
     register(SparseRidgeRankOne())
     register(RidgeSubspace())
+    register(Compensate())
     register(GridRankOne())
     register(GridRidgeRankOne())
