@@ -151,3 +151,18 @@ def test_bad_compress_and_repair_input(refusing, tmp_path):
                                    "4:2", "--out", str(tmp_path / "x"), "--data-dir", str(data)), "smaller than M")
     assert_one_sentence_error(aird("repair", str(model_dir), "--reference", str(tmp_path / "nope")), "does not exist")
     assert_one_sentence_error(aird("diff", str(tmp_path / "a"), str(tmp_path / "b")), "does not exist")
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    """`aird data | head -1`: the reader closes the pipe; aird stops as a Unix filter does (exit 141, SIGPIPE's
+    status), with no crash log and nothing on stderr about an internal error."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "aird", "data"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "COLUMNS": "200"})
+    p.stdout.close()                  # before aird writes a line: every write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141, err
+    assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err

@@ -727,5 +727,10 @@ def test_compensation_brings_every_block_closer_to_the_original(study, tmp_path,
     _, h_r, _ = writer_rows(load_model(str(tmp_path / "comp"), device="cpu"), texts, last, [], eye, 16)
     before, after = ((h_c - h_o) ** 2).sum(), ((h_r - h_o) ** 2).sum()
     assert after < 0.5 * before, (before, after)
+    from aird.cli.render import console, render_repair
+
+    with console.capture() as cap:
+        render_repair(s)                       # the terminal summary of a repair without a search
+    assert "every block, rank 8" in cap.get() and "relative residual error" in cap.get()
     with pytest.raises(AirdError, match="fit-text"):
         RepairConfig(method="aird-compensate", fit_text=-1).validate()

@@ -77,6 +77,12 @@ def user_errors() -> Iterator[None]:
     except Terminated:
         console.print("[bold red]terminated:[/] rerun the same command to resume.")
         raise typer.Exit(143) from None
+    except BrokenPipeError:
+        # the reader of stdout went away (`aird data | head -1`): stop quietly, as a Unix filter does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as exc:
         sentence = user_error_sentence(exc)
         if sentence is not None:

@@ -138,6 +138,22 @@ def render_diff(s: dict) -> None:
 
 
 def render_repair(s: dict) -> None:
+    if "validation" in s:
+        _render_search(s)
+    else:   # a compensating repair: every block fitted, no search
+        console.print(table("relative residual error against the original after each block, on the calibration",
+                            ["block", "before", "after", "attn: share fitted", "mlp: share fitted"],
+                            [(b["layer"], b["error_before"], b["error_after"], b["attn"]["energy"], b["mlp"]["energy"])
+                             for b in s["blocks"]]))
+        console.print(
+            f"[bold]{s['method']}[/]: every block, rank {s['rank']}, α {s['alpha']:g}, ridge {s['ridge']:g}; "
+            f"{s['adapter_parameters']:,} parameters as low-rank factors; model sparsity "
+            f"{s['sparsity']['before']:.4f} → {s['sparsity']['after']:.4f}; model folder: {s['out']}",
+            highlight=False, soft_wrap=True)
+    _render_check(s.get("check"))
+
+
+def _render_search(s: dict) -> None:
     v = s["validation"]
     rows = [("original", v["original"]), ("compressed", v["compressed"]), ("repaired", v["repaired"])]
     judged = "greedy answers judged by the scorer" if v.get("judge") == "generate" else "refusal score > 0"
@@ -150,7 +166,9 @@ def render_repair(s: dict) -> None:
         f"{s['layer_sparsity']['before']:.4f} → {s['layer_sparsity']['after']:.4f}, model sparsity "
         f"{s['sparsity']['before']:.4f} → {s['sparsity']['after']:.4f}; model folder: {s['out']}",
         highlight=False, soft_wrap=True)
-    check = s.get("check")
+
+
+def _render_check(check: dict | None) -> None:
     if check:
         rows = []
         for name, c in check["sets"].items():

@@ -788,7 +788,8 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
         "repair.summary", method=repair.name, layer="all", matrix="attn+mlp", alpha=alpha, rank=repair.rank,
         ridge=ridge, source_layer=ref.summary["source"]["layer"], reference_source=ref.summary["source"],
         sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
-        layer_sparsity=[{"layer": b["layer"], "before": lb["sparsity"], "after": la["sparsity"]}
+        layer_sparsity=None,
+        block_sparsity=[{"layer": b["layer"], "before": lb["sparsity"], "after": la["sparsity"]}
                         for b, lb, la in zip(blocks, sb["per_layer"], sa["per_layer"])],
         blocks=blocks, adapter_parameters=adapter_params,
         calibration={"prompts": len(ids), "plain_text_windows": len(plain),

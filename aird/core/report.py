@@ -496,8 +496,9 @@ def _blocks(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], fou
         for r in reps:
             p, s = by[r.parent], r.repair
             rows.append([r.name, s["method"], s["layer"], s["matrix"], _f(s["alpha"]),
-                         _f(s["validation"]["target_reached"]),
-                         f"{_f(s['layer_sparsity']['before'], 4)} → {_f(s['layer_sparsity']['after'], 4)}",
+                         _f((s.get("validation") or {}).get("target_reached")),
+                         (f"{_f(s['layer_sparsity']['before'], 4)} → {_f(s['layer_sparsity']['after'], 4)}"
+                          if s.get("layer_sparsity") else "every block edited"),
                          f"{_f(s['sparsity']['before'], 4)} → {_f(s['sparsity']['after'], 4)}",
                          f"{_f(mean_asr(p))} → {_f(mean_asr(r))}",
                          f"{_f(_mean(list((p.eval or {}).get('over_refusal', {}).values())))} → "
