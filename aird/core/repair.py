@@ -696,14 +696,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     grid_reports: list[dict] = []
     best_grids = grids.get((best["layer"], tuple(best_mats)))
     _apply(repair, _targets(lm, best["layer"], best_mats), unit, best["alpha"], best_fit, best_grids, grid_reports)
-    check_summary, check_rows = None, []
-    if check is not None:
-        with sw("check"), rep.stage("the held-out check of the repaired model (generation)", 1) as advance:
-            judged["repaired"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
-                                               cfg.batch_size)
-            advance(1)
-        check_summary, check_rows = check.report(judged)
-        check_rows = [run.record(r.pop("record"), **r) for r in check_rows]
+    check_summary, check_rows = _check_repaired(check, lm, check_scorer, pcfg, cfg, judged, run, sw, rep)
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
                                                                     "method": repair.name},
@@ -742,6 +735,19 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
     return summary
 
 
+def _check_repaired(check, lm: LoadedModel, check_scorer, pcfg, cfg: RepairConfig, judged: dict, run: Run,
+                    sw: Stopwatch, rep: Reporter) -> tuple[dict | None, list[dict]]:
+    """The held-out check of the repaired model, reported beside the original's and the compressed model's answers
+    in ``judged``: the check's summary and its per-prompt records (None and [] without a check)."""
+    if check is None:
+        return None, []
+    with sw("check"), rep.stage("the held-out check of the repaired model (generation)", 1) as advance:
+        judged["repaired"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
+        advance(1)
+    summary, rows = check.report(judged)
+    return summary, [run.record(r.pop("record"), **r) for r in rows]
+
+
 def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, sets, fit_extra: list, seen: list[str],
                       tuned_origins: set[str], check, check_scorer, run: Run, sw: Stopwatch, rep: Reporter, out: Path,
                       jsonl: Path, t0: float) -> dict:
@@ -769,14 +775,7 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
                 advance(1)
         with sw("fit"), rep.stage("fitting every block to the original model", lm.n_layers) as advance:
             blocks = compensate(lm, orig, ids + plain, repair, ridge, alpha, cfg.batch_size, advance)
-    check_summary, check_rows = None, []
-    if check is not None:
-        with sw("check"), rep.stage("the held-out check of the repaired model (generation)", 1) as advance:
-            judged["repaired"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
-                                               cfg.batch_size)
-            advance(1)
-        check_summary, check_rows = check.report(judged)
-        check_rows = [run.record(r.pop("record"), **r) for r in check_rows]
+    check_summary, check_rows = _check_repaired(check, lm, check_scorer, pcfg, cfg, judged, run, sw, rep)
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
                                                                     "method": repair.name})
