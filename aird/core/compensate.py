@@ -50,36 +50,6 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _original_residuals(orig: LoadedModel, batches: list[Batch]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The original model's residual after each block's attention half and after each block, at every real token
-    ([N, d] per block, float32, on the CPU)."""
-    blocks = orig.adapter.layers(orig.model)
-    mids: list[list[torch.Tensor]] = [[] for _ in blocks]
-    outs: list[list[torch.Tensor]] = [[] for _ in blocks]
-    cur: dict = {}
-    handles = []
-    for i, blk in enumerate(blocks):
-        handles.append(blk.register_forward_pre_hook(
-            lambda _m, args, kwargs, i=i: cur.__setitem__(("in", i), args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True))
-        handles.append(orig.adapter.attn_writer(blk).register_forward_hook(
-            lambda _m, _a, out, i=i: cur.__setitem__(("attn", i), _first(out))))
-        handles.append(blk.register_forward_hook(lambda _m, _a, out, i=i: cur.__setitem__(("out", i), _first(out))))
-    try:
-        for b in batches:
-            orig.model(input_ids=b.input_ids.to(orig.device), attention_mask=b.attention_mask.to(orig.device),
-                       position_ids=b.position_ids.to(orig.device), use_cache=False, logits_to_keep=1)
-            m = b.attention_mask.bool().to(orig.device)
-            for i in range(len(blocks)):
-                mids[i].append((cur["in", i] + cur["attn", i])[m].float().cpu())
-                outs[i].append(cur["out", i][m].float().cpu())
-            cur.clear()
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(x) for x in mids], [torch.cat(x) for x in outs]
-
-
 def _block_inputs(lm: LoadedModel, batches: list[Batch]) -> list[list]:
     """Per batch: the first block's input and the keyword arguments every block is called with (masks, rotary
     embeddings), read by stopping the forward pass there."""
@@ -103,30 +73,32 @@ def _block_inputs(lm: LoadedModel, batches: list[Batch]) -> list[list]:
     return state
 
 
-def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], which: str | None):
-    """Run ``block`` on every batch's cached input. With ``which``, also collect that writer's inputs ([N, d_in]) and
-    the residual right after it (after the attention half, or after the block) at every real token."""
+def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], collect: bool = True) -> dict:
+    """Run ``block`` on every batch's cached input. Returns the outputs per batch (``new``) and, with ``collect``,
+    at every real token: both writers' inputs (``x_attn``, ``x_mlp``), the residual after the attention half
+    (``mid``) and after the block (``out``), as float32 rows on the CPU."""
     cur: dict = {}
     handles = []
-    if which is not None:
-        writer = lm.adapter.out_proj(block, which)
-        handles.append(writer.register_forward_pre_hook(lambda _m, a: cur.__setitem__("x", a[0])))
-        if which == "attn":
-            handles.append(lm.adapter.attn_writer(block).register_forward_hook(
-                lambda _m, _a, out: cur.__setitem__("attn", _first(out))))
-    xs, got, new = [], [], []
+    if collect:
+        handles += [lm.adapter.out_proj(block, w).register_forward_pre_hook(
+            lambda _m, a, w=w: cur.__setitem__(w, a[0])) for w in ("attn", "mlp")]
+        handles.append(lm.adapter.attn_writer(block).register_forward_hook(
+            lambda _m, _a, out: cur.__setitem__("attn_out", _first(out))))
+    rows: dict[str, list] = {"x_attn": [], "x_mlp": [], "mid": [], "out": []}
+    new = []
     try:
         for (hidden, kwargs), b in zip(state, batches):
             out = _first(block(hidden, **kwargs))
             new.append(out)
-            if which is not None:
-                m = b.attention_mask.bool()
-                xs.append(cur["x"][m].float().cpu())
-                got.append((hidden + cur["attn"] if which == "attn" else out)[m].float().cpu())
+            if collect:
+                m = b.attention_mask.bool().to(out.device)
+                for key, t in (("x_attn", cur["attn"]), ("x_mlp", cur["mlp"]), ("mid", hidden + cur["attn_out"]),
+                               ("out", out)):
+                    rows[key].append(t[m].float().cpu())
     finally:
         for h in handles:
             h.remove()
-    return (torch.cat(xs) if xs else None), (torch.cat(got) if got else None), new
+    return {"new": new, **({k: torch.cat(v) for k, v in rows.items()} if collect else {})}
 
 
 def fit_writer(x: torch.Tensor, diff: torch.Tensor, weight: torch.Tensor, rank: int, ridge: float
@@ -167,23 +139,28 @@ def compensate(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair,
     batches = batches_of_ids(lm, ids, batch_size)
     records = []
     with torch.no_grad():
-        mid_o, out_o = _original_residuals(orig, batches)
-        state = _block_inputs(lm, batches)
-        for layer, block in enumerate(lm.adapter.layers(lm.model)):
+        # both models advance one block at a time from their own first-block inputs: only the current block's
+        # rows are ever held
+        state_o, state_c = _block_inputs(orig, batches), _block_inputs(lm, batches)
+        for layer, (block_o, block) in enumerate(zip(orig.adapter.layers(orig.model), lm.adapter.layers(lm.model))):
+            o = _run_block(orig, block_o, state_o, batches)
             rec: dict = {"layer": layer}
-            for which, target in (("attn", mid_o[layer]), ("mlp", out_o[layer])):
-                x, got, _ = _run_block(lm, block, state, batches, which)
+            for which, x_key, key in (("attn", "x_attn", "mid"), ("mlp", "x_mlp", "out")):
+                c = _run_block(lm, block, state_c, batches)
                 if which == "mlp":
-                    rec["error_before"] = _relative_error(target, got)
-                delta, fit = fit_writer(x, target - got, 1 / target.norm(dim=-1).clamp_min(1e-6), repair.rank, ridge)
+                    rec["error_before"] = _relative_error(o["out"], c["out"])
+                target = o[key]
+                delta, fit = fit_writer(c[x_key], target - c[key], 1 / target.norm(dim=-1).clamp_min(1e-6),
+                                        repair.rank, ridge)
                 writer = lm.adapter.out_proj(block, which)
                 writer.weight.data.copy_(repair.edit(writer.weight.data, None, alpha,
                                                      fit=delta.to(writer.weight.device)))
                 rec[which] = fit
-            _, got, new = _run_block(lm, block, state, batches, "mlp")
-            rec["error_after"] = _relative_error(out_o[layer], got)
-            for s, h in zip(state, new):
-                s[0] = h
+            c = _run_block(lm, block, state_c, batches)
+            rec["error_after"] = _relative_error(o["out"], c["out"])
+            for st, new in ((state_o, o["new"]), (state_c, c["new"])):
+                for s, h in zip(st, new):
+                    s[0] = h
             records.append(rec)
             advance(1)
     return records
