@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from aird.core import hooks
 from aird.core.errors import AirdError
 from aird.core.forward import Batch, batches_of_ids
-from aird.core.hooks import StopForward
 from aird.core.loading import LoadedModel
 
 TEXT_WINDOW = 128      # tokens per plain-text calibration window
@@ -58,47 +58,46 @@ def _block_inputs(lm: LoadedModel, batches: list[Batch]) -> list[list]:
     def grab(_m, args, kwargs):
         state.append([args[0] if args else kwargs["hidden_states"],
                       {k: v for k, v in kwargs.items() if k != "hidden_states"}])
-        raise StopForward
 
     h = lm.adapter.layers(lm.model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for b in batches:
-            try:
-                lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                         use_cache=False)
-            except StopForward:
-                pass
+        with hooks.stop_before(lm, 0):       # entered after ``grab``: the input is read, then the pass stops
+            for b in batches:
+                hooks.forward_until(lm, b)
     finally:
         h.remove()
     return state
 
 
-def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], collect: bool = True) -> dict:
-    """Run ``block`` on every batch's cached input. Returns the outputs per batch (``new``) and, with ``collect``,
-    at every real token: both writers' inputs (``x_attn``, ``x_mlp``), the residual after the attention half
-    (``mid``) and after the block (``out``), as float32 rows on the CPU."""
+def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], keep: tuple[str, ...]) -> dict:
+    """Run ``block`` on every batch's cached input. Returns the outputs per batch (``new``) and, for each name in
+    ``keep``, its rows at every real token (float32, on the CPU): ``x_attn`` / ``x_mlp`` the writers' inputs,
+    ``mid`` the residual after the attention half, ``out`` the residual after the block."""
     cur: dict = {}
     handles = []
-    if collect:
-        handles += [lm.adapter.out_proj(block, w).register_forward_pre_hook(
-            lambda _m, a, w=w: cur.__setitem__(w, a[0])) for w in ("attn", "mlp")]
+    for w in ("attn", "mlp"):
+        if f"x_{w}" in keep:
+            handles.append(lm.adapter.out_proj(block, w).register_forward_pre_hook(
+                lambda _m, a, w=w: cur.__setitem__(f"x_{w}", a[0])))
+    if "mid" in keep:
         handles.append(lm.adapter.attn_writer(block).register_forward_hook(
             lambda _m, _a, out: cur.__setitem__("attn_out", _first(out))))
-    rows: dict[str, list] = {"x_attn": [], "x_mlp": [], "mid": [], "out": []}
+    rows: dict[str, list] = {k: [] for k in keep}
     new = []
     try:
         for (hidden, kwargs), b in zip(state, batches):
             out = _first(block(hidden, **kwargs))
             new.append(out)
-            if collect:
-                m = b.attention_mask.bool().to(out.device)
-                for key, t in (("x_attn", cur["attn"]), ("x_mlp", cur["mlp"]), ("mid", hidden + cur["attn_out"]),
-                               ("out", out)):
-                    rows[key].append(t[m].float().cpu())
+            cur.update(out=out)
+            if "mid" in keep:
+                cur["mid"] = hidden + cur["attn_out"]
+            m = b.attention_mask.bool().to(out.device)
+            for k in keep:
+                rows[k].append(cur[k][m].float().cpu())
     finally:
         for h in handles:
             h.remove()
-    return {"new": new, **({k: torch.cat(v) for k, v in rows.items()} if collect else {})}
+    return {"new": new, **{k: torch.cat(v) for k, v in rows.items()}}
 
 
 def fit_writer(x: torch.Tensor, diff: torch.Tensor, weight: torch.Tensor, rank: int, ridge: float
@@ -143,10 +142,10 @@ def compensate(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair,
         # rows are ever held
         state_o, state_c = _block_inputs(orig, batches), _block_inputs(lm, batches)
         for layer, (block_o, block) in enumerate(zip(orig.adapter.layers(orig.model), lm.adapter.layers(lm.model))):
-            o = _run_block(orig, block_o, state_o, batches)
+            o = _run_block(orig, block_o, state_o, batches, ("mid", "out"))
             rec: dict = {"layer": layer}
             for which, x_key, key in (("attn", "x_attn", "mid"), ("mlp", "x_mlp", "out")):
-                c = _run_block(lm, block, state_c, batches)
+                c = _run_block(lm, block, state_c, batches, (x_key, key))
                 if which == "mlp":
                     rec["error_before"] = _relative_error(o["out"], c["out"])
                 target = o[key]
@@ -156,7 +155,7 @@ def compensate(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair,
                 writer.weight.data.copy_(repair.edit(writer.weight.data, None, alpha,
                                                      fit=delta.to(writer.weight.device)))
                 rec[which] = fit
-            c = _run_block(lm, block, state_c, batches)
+            c = _run_block(lm, block, state_c, batches, ("out",))
             rec["error_after"] = _relative_error(o["out"], c["out"])
             for st, new in ((state_o, o["new"]), (state_c, c["new"])):
                 for s, h in zip(st, new):

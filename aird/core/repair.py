@@ -758,7 +758,7 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
     alpha = 1.0 if cfg.alpha == "auto" else float(cfg.alpha)
     ridge = cfg.ridge if cfg.ridge is not None else repair.ridge
     judged: dict[str, list[bool]] = {}
-    before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
+    sb = summarize(decoder_linear_weights(lm.model.state_dict()))     # before the edit: no copy of the weights
     if check is not None:
         with sw("check"), rep.stage("the held-out check of the compressed model (generation)", 1) as advance:
             judged["compressed"] = check.refused(lm, check_scorer, pcfg.system_prompt, cfg.max_new_tokens,
@@ -779,7 +779,7 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
                                                                     "method": repair.name})
-    sb, sa = summarize(before), summarize(decoder_linear_weights(lm.model.state_dict()))
+    sa = summarize(decoder_linear_weights(lm.model.state_dict()))
     adapter_params = sum(b[w]["rank"] * (m.in_features + m.out_features)
                          for b, blk in zip(blocks, lm.adapter.layers(lm.model))
                          for w, m in (("attn", lm.adapter.out_proj(blk, "attn")), ("mlp", lm.adapter.out_proj(blk, "mlp"))))
