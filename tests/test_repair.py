@@ -734,3 +734,93 @@ def test_compensation_brings_every_block_closer_to_the_original(study, tmp_path,
     assert "every block, rank 8" in cap.get() and "relative residual error" in cap.get()
     with pytest.raises(AirdError, match="fit-text"):
         RepairConfig(method="aird-compensate", fit_text=-1).validate()
+
+
+def test_masked_ridge_solves_each_row_on_its_own_kept_weights():
+    """Conjugate gradients over all rows at once reach each row's own least-squares solution on its support (the
+    explicit per-row solve), leave every masked weight at exactly zero, and a fully kept mask is the plain ridge."""
+    from aird.core.compensate import masked_ridge
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 10, generator=g) * torch.linspace(0.2, 3, 10)     # ill-scaled columns: the preconditioner
+    e = torch.randn(300, 6, generator=g)
+    H, C = (x.T @ x).double(), (e.T @ x).double()
+    mask = torch.rand(6, 10, generator=g) > 0.5
+    mask[0] = False                                    # a row with nothing kept stays zero
+    delta = masked_ridge(H, C, mask, ridge=1e-3, iterations=40)
+    lam = 1e-3 * float(H.diagonal().mean())
+    for i in range(6):
+        s = mask[i]
+        want = torch.zeros(10, dtype=torch.float64)
+        if s.any():
+            want[s] = torch.linalg.solve(H[s][:, s] + lam * torch.eye(int(s.sum()), dtype=torch.float64), C[i, s])
+        assert torch.allclose(delta[i].double(), want, atol=1e-4, rtol=1e-3), i
+    assert (delta[~mask] == 0).all()
+    full = masked_ridge(H, C, torch.ones(6, 10, dtype=torch.bool), ridge=1e-3, iterations=40)
+    plain = torch.linalg.solve(H + lam * torch.eye(10, dtype=torch.float64), C.T).T
+    assert torch.allclose(full.double(), plain, atol=1e-4, rtol=1e-3)
+
+
+def test_sparse_compensation_keeps_every_zero_and_brings_every_block_closer(study, tmp_path):
+    """aird-compensate-sparse refits every linear of every block on its kept weights: not one pruned zero fills
+    (the written model's sparsity is the compressed model's, matrix by matrix), every linear's weighted error
+    falls, each block ends closer to the original than it started, and the last block's residual on the
+    calibration prompts ends far closer to the original's."""
+    from aird.core.repair import writer_rows
+
+    root, data = study
+    unit, orig_path, texts = _calibration(study)
+    orig = load_model(orig_path, device="cpu")
+    last = orig.n_layers - 1
+    eye = torch.eye(unit.numel())
+    _, h_o, _ = writer_rows(orig, texts, last, [], eye, 16)
+    lm = load_model(str(root / "pruned"), device="cpu")
+    pruned = {f"{i}.{n}": m.weight.detach().clone() for i, n, m in lm.adapter.linears(lm.model)}
+    _, h_c, _ = writer_rows(lm, texts, last, [], eye, 16)
+    s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-compensate-sparse", judge="score",
+                                                         check_on=[], data_dir=str(data), fit_text=4),
+                   tmp_path / "comp")
+    assert s["rank"] is None and s["adapter_parameters"] == 0 and len(s["blocks"]) == orig.n_layers
+    assert s["sparsity"]["after"] == pytest.approx(s["sparsity"]["before"], abs=1e-9) and s["sparsity"]["before"] > 0.3
+    for b in s["blocks"]:
+        assert b["error_after"] < b["error_before"], b
+        assert set(b["linears"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+        for name, v in b["linears"].items():
+            assert v["error_after"] < v["error_before"], (b["layer"], name, v)
+    rep = load_model(str(tmp_path / "comp"), device="cpu")
+    changed = 0
+    for i, n, m in rep.adapter.linears(rep.model):
+        z = pruned[f"{i}.{n}"] == 0
+        assert (m.weight[z] == 0).all() and (m.weight[~z] != 0).all(), (i, n)
+        changed += int((m.weight != pruned[f"{i}.{n}"]).any())
+    assert changed == len(pruned)          # every linear refitted
+    _, h_r, _ = writer_rows(rep, texts, last, [], eye, 16)
+    before, after = ((h_c - h_o) ** 2).sum(), ((h_r - h_o) ** 2).sum()
+    assert after < 0.5 * before, (before, after)
+    from aird.cli.render import console, render_repair
+
+    with console.capture() as cap:
+        render_repair(s)
+    assert "every linear of every block" in cap.get() and "25 CG steps" in cap.get()
+
+
+def test_a_block_pass_that_needs_no_output_stops_early_and_reads_the_same_rows(refusing_lm):
+    """A pass asked only for inputs inside the block stops once it has them (no output per batch) and reads the
+    same rows as a full pass; the residual after the attention half is the block input plus what attention wrote."""
+    from aird.core.compensate import _block_inputs, _run_block
+    from aird.core.forward import batches_of_ids
+
+    lm = refusing_lm
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("how do I bake bread", "hi", "a b c d e")]
+    batches = batches_of_ids(lm, ids, 2)
+    block = lm.adapter.layers(lm.model)[0]
+    with torch.no_grad():
+        state = _block_inputs(lm, batches)
+        full = _run_block(lm, block, state, batches, ("in:mlp.gate_proj", "mid", "x_attn", "out"))
+        early = _run_block(lm, block, state, batches, ("in:mlp.gate_proj", "mid", "x_attn"))
+        attn = _run_block(lm, block, state, batches, ("mid",))
+    assert len(full["new"]) == len(batches) and early["new"] == [] == attn["new"]
+    for k in ("in:mlp.gate_proj", "mid", "x_attn"):
+        assert torch.equal(full[k], early[k]), k
+    assert torch.equal(attn["mid"], full["mid"]) and full["mid"].shape[0] == sum(map(len, ids))

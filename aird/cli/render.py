@@ -140,6 +140,17 @@ def render_diff(s: dict) -> None:
 def render_repair(s: dict) -> None:
     if "validation" in s:
         _render_search(s)
+    elif s.get("rank") is None:   # the sparse compensation: every linear refitted on its kept weights
+        console.print(table("relative residual error against the original after each block, on the calibration",
+                            ["block", "before", "after", "linears: weighted error kept"],
+                            [(b["layer"], b["error_before"], b["error_after"],
+                              sum(v["error_after"] for v in b["linears"].values())
+                              / (sum(v["error_before"] for v in b["linears"].values()) or 1.0))
+                             for b in s["blocks"]]))
+        console.print(
+            f"[bold]{s['method']}[/]: every linear of every block, {s['iterations']} CG steps, α {s['alpha']:g}, "
+            f"ridge {s['ridge']:g}; model sparsity {s['sparsity']['before']:.4f} → {s['sparsity']['after']:.4f}; "
+            f"model folder: {s['out']}", highlight=False, soft_wrap=True)
     else:   # a compensating repair: every block fitted, no search
         console.print(table("relative residual error against the original after each block, on the calibration",
                             ["block", "before", "after", "attn: share fitted", "mlp: share fitted"],

@@ -69,29 +69,50 @@ def _block_inputs(lm: LoadedModel, batches: list[Batch]) -> list[list]:
     return state
 
 
+class _Stop(Exception):
+    """Raised by a hook once a pass has read everything asked of it."""
+
+
 def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], keep: tuple[str, ...]) -> dict:
-    """Run ``block`` on every batch's cached input. Returns the outputs per batch (``new``) and, for each name in
-    ``keep``, its rows at every real token (float32, on the CPU): ``x_attn`` / ``x_mlp`` the writers' inputs,
-    ``mid`` the residual after the attention half, ``out`` the residual after the block."""
+    """Run ``block`` on every batch's cached input. Returns, for each name in ``keep``, its rows at every real
+    token (float32, on the CPU): ``x_attn`` / ``x_mlp`` the writers' inputs, ``in:NAME`` the input of the block's
+    linear NAME (e.g. ``in:self_attn.q_proj``), ``mid`` the residual after the attention half, ``out`` the
+    residual after the block; with ``out``, also the block's outputs per batch (``new``). Without it, each pass
+    stops as soon as it has read what was asked (an attention-half read skips the MLP)."""
     cur: dict = {}
+    wanted = set(keep) - {"out"}
+    stop_early = "out" not in keep
+
+    def took(key, value):
+        cur[key] = value
+        if stop_early and wanted <= cur.keys():
+            raise _Stop
+
     handles = []
     for w in ("attn", "mlp"):
         if f"x_{w}" in keep:
             handles.append(lm.adapter.out_proj(block, w).register_forward_pre_hook(
-                lambda _m, a, w=w: cur.__setitem__(f"x_{w}", a[0])))
+                lambda _m, a, w=w: took(f"x_{w}", a[0])))
+    for k in keep:
+        if k.startswith("in:"):
+            handles.append(block.get_submodule(k[3:]).register_forward_pre_hook(
+                lambda _m, a, k=k: took(k, a[0])))
     if "mid" in keep:
         handles.append(lm.adapter.attn_writer(block).register_forward_hook(
-            lambda _m, _a, out: cur.__setitem__("attn_out", _first(out))))
+            lambda _m, _a, out: took("mid", cur["hidden"] + _first(out))))
     rows: dict[str, list] = {k: [] for k in keep}
     new = []
     try:
         for (hidden, kwargs), b in zip(state, batches):
-            out = _first(block(hidden, **kwargs))
-            new.append(out)
-            cur.update(out=out)
-            if "mid" in keep:
-                cur["mid"] = hidden + cur["attn_out"]
-            m = b.attention_mask.bool().to(out.device)
+            cur.clear()
+            cur["hidden"] = hidden
+            try:
+                out = _first(block(hidden, **kwargs))
+                new.append(out)
+                cur["out"] = out
+            except _Stop:
+                pass
+            m = b.attention_mask.bool().to(hidden.device)
             for k in keep:
                 rows[k].append(cur[k][m].float().cpu())
     finally:
@@ -155,6 +176,136 @@ def compensate(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair,
                 writer.weight.data.copy_(repair.edit(writer.weight.data, None, alpha,
                                                      fit=delta.to(writer.weight.device)))
                 rec[which] = fit
+            c = _run_block(lm, block, state_c, batches, ("out",))
+            rec["error_after"] = _relative_error(o["out"], c["out"])
+            for st, new in ((state_o, o["new"]), (state_c, c["new"])):
+                for s, h in zip(st, new):
+                    s[0] = h
+            records.append(rec)
+            advance(1)
+    return records
+
+
+# ---- the sparse form: every linear refitted on its own zeros -------------------------------------------------
+
+
+def masked_ridge(H: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, ridge: float, iterations: int
+                 ) -> torch.Tensor:
+    """The change Δ [d_out, d_in], zero wherever ``mask`` is False, minimising Σ_i (Δ_i H Δ_iᵀ − 2 Δ_i C_iᵀ)
+    + λ‖Δ‖² with λ = ``ridge`` · mean(diag H): each row's least squares on its own kept weights (H = XᵀX the
+    weighted input gram, C = EᵀX the weighted error against the inputs). Every row has its own support, so the
+    rows are solved together by ``iterations`` steps of conjugate gradients (Jacobi-preconditioned, one
+    [d_out, d_in] × [d_in, d_in] product per step) from Δ = 0, instead of one d_in-sized solve per row."""
+    H = H.float()
+    lam = ridge * float(H.diagonal().mean()) or ridge
+    Hl = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+    M = mask.to(H.dtype)
+    inv = 1.0 / Hl.diagonal().clamp_min(1e-30)
+    delta = torch.zeros_like(C, dtype=H.dtype)
+    R = C.to(H.dtype) * M
+    Z = R * inv
+    P = Z.clone()
+    rz = (R * Z).sum(1)
+    for _ in range(iterations):
+        Q = (P @ Hl) * M
+        a = rz / (P * Q).sum(1).clamp_min(1e-30)
+        delta += a[:, None] * P
+        R -= a[:, None] * Q
+        Z = R * inv
+        rz_new = (R * Z).sum(1)
+        P = Z + (rz_new / rz.clamp_min(1e-30))[:, None] * P
+        rz = rz_new
+    return delta
+
+
+def _groups(block, state: list[list]) -> list[list[str]]:
+    """The block's linears in the order the forward pass calls them, those reading the same input together
+    (q/k/v, o, gate/up, down for the Qwen2 and Llama families), read from one pass over the first batch."""
+    calls: list[tuple[str, int]] = []
+    handles = [mod.register_forward_pre_hook(lambda _m, a, name=name: calls.append((name, a[0].data_ptr())))
+               for name, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)]
+    try:
+        hidden, kwargs = state[0]
+        block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, ptr in calls:
+        if name in {n for g in groups for n in g}:
+            continue
+        if ptr == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = ptr
+    return groups
+
+
+def _gram(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    xw = x * w[:, None]
+    return xw.T @ xw
+
+
+def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair, ridge: float,
+                      alpha: float, batch_size: int, advance=lambda n=1: None) -> list[dict]:
+    """The sparse form of :func:`compensate`: at each block, in forward order, every linear's kept weights are
+    refitted by least squares (:func:`masked_ridge`, ``repair.iterations`` steps) on the compressed model's own
+    inputs there, its zeros kept: the residual writers (o_proj, down_proj) to the original model's residual after
+    their half of the block, as :func:`compensate` fits them, every other linear (q/k/v, gate/up) to the original
+    linear's output on the original's inputs. The block is run again after each group, so each fit sees the
+    inputs the groups before it produce. Token rows are weighted by the inverse norm of the original residual.
+    Returns one record per block: each linear's weighted error before and after its fit, and the block's
+    relative residual error before and after."""
+    if not lm.adapter.projections_write_residual:
+        raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
+                        "aird-compensate-sparse fits the projections that write it (not supported).")
+    batches = batches_of_ids(lm, ids, batch_size)
+    records = []
+    with torch.no_grad():
+        state_o, state_c = _block_inputs(orig, batches), _block_inputs(lm, batches)
+        for layer, (block_o, block) in enumerate(zip(orig.adapter.layers(orig.model), lm.adapter.layers(lm.model))):
+            writers = {lm.adapter.out_proj(block, "attn"): "mid", lm.adapter.out_proj(block, "mlp"): "out"}
+            groups = _groups(block, state_c)
+            heads = [f"in:{g[0]}" for g in groups if block.get_submodule(g[0]) not in writers]
+            o = _run_block(orig, block_o, state_o, batches, (*heads, "mid", "out"))
+            rec: dict = {"layer": layer, "linears": {}}
+            for gi, group in enumerate(groups):
+                mods = [block.get_submodule(n) for n in group]
+                key = writers.get(mods[0])
+                resid = key or ("mid" if gi < next(i for i, g in enumerate(groups)
+                                                   if block.get_submodule(g[0]) in writers) else "out")
+                c = _run_block(lm, block, state_c, batches, (f"in:{group[0]}", *((key,) if key else ()),
+                                                             *(("out",) if gi == 0 else ())))
+                if gi == 0:
+                    rec["error_before"] = _relative_error(o["out"], c["out"])
+                w = 1 / o[resid].norm(dim=-1).clamp_min(1e-6)
+                x = c[f"in:{group[0]}"]
+                H = _gram(x, w)
+                if key:
+                    xw = x * w[:, None]
+                    Cs = [((o[key] - c[key]) * w[:, None]).T @ xw]
+                    e0s = [float((((o[key] - c[key]) * w[:, None]) ** 2).sum())]
+                else:
+                    xo = o[f"in:{group[0]}"]
+                    K = (xo * w[:, None]).T @ (x * w[:, None])
+                    Goo = _gram(xo, w)
+                    Cs, e0s = [], []
+                    for mod, name in zip(mods, group):
+                        Wo = block_o.get_submodule(name).weight.data.float().cpu()
+                        Wc = mod.weight.data.float().cpu()
+                        WcH = Wc @ H
+                        Cs.append(Wo @ K - WcH)
+                        e0s.append(float((Wo @ Goo * Wo).sum() - 2 * (Wo @ K * Wc).sum() + (WcH * Wc).sum()))
+                for mod, name, C, e0 in zip(mods, group, Cs, e0s):
+                    mask = mod.weight.data.cpu() != 0
+                    delta = masked_ridge(H, C, mask, ridge, repair.iterations)
+                    e1 = e0 - 2 * float((delta * C).sum()) + float((delta @ H * delta).sum())
+                    mod.weight.data.copy_(repair.edit(mod.weight.data, None, alpha,
+                                                      fit=delta.to(mod.weight.device, mod.weight.dtype)))
+                    rec["linears"][name] = {"error_before": e0, "error_after": e1,
+                                            "kept": float(mask.float().mean())}
             c = _run_block(lm, block, state_c, batches, ("out",))
             rec["error_after"] = _relative_error(o["out"], c["out"])
             for st, new in ((state_o, o["new"]), (state_c, c["new"])):

@@ -88,7 +88,9 @@ class Repair(Protocol):
     # replaces the α grid that --alpha auto searches; ``layer_ranking`` ("selective" or "gap") is how --layer auto
     # chooses the layer for this method (default "selective": the matrices that already write r̂ most selectively).
     # ``compensates = True`` (with ``rank`` and ``ridge``) makes aird fit every block in turn instead
-    # (aird.core.compensate) and call ``edit(weight, None, alpha, fit=ΔW)`` with each writer's fitted change.
+    # (aird.core.compensate) and call ``edit(weight, None, alpha, fit=ΔW)`` with each writer's fitted change;
+    # with ``masked = True`` (and ``iterations``) every linear of the block is refitted on its own non-zeros
+    # instead, and ``edit`` gets each linear's change.
 
     def edit(self, weight: Any, unit: Any, alpha: float) -> Any: ...
 

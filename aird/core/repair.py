@@ -661,7 +661,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
             ev = _Evaluator(lm, harmful, harmless, sorted({c[0] for c in candidates}), cfg.batch_size, groups)
             compressed = ev.rates(candidates[0][0])
         rates = ev.rates
-    before = {k: v.detach().clone() for k, v in decoder_linear_weights(lm.model.state_dict()).items()}
+    sb = summarize(decoder_linear_weights(lm.model.state_dict()))   # before any edit (trials restore): no weight copy
     guard_key, guard = guard_ceiling(cfg, original, compressed)
     target = original["harmful_refusal_rate"]
     trials = []
@@ -702,7 +702,7 @@ def _run_repair(lm: LoadedModel, reference: Path, cfg: RepairConfig, out: Path, 
                                                                     "method": repair.name},
                           extra=_copy_grid(lm.path))
     after_w = decoder_linear_weights(lm.model.state_dict())
-    sb, sa = summarize(before), summarize(after_w)
+    sa = summarize(after_w)
     lay_b = next(r for r in sb["per_layer"] if r["layer"] == best["layer"])
     lay_a = next(r for r in sa["per_layer"] if r["layer"] == best["layer"])
     edited = {name: {"before": lay_b["matrices"][name]["sparsity"], "after": m["sparsity"]}
@@ -753,7 +753,7 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
                       jsonl: Path, t0: float) -> dict:
     """A repair that corrects every block (``compensates``, aird/core/compensate.py): no layer, matrix or α
     search; the least-squares fit (α 1, or the α given) of every block in turn, then the held-out check."""
-    from aird.core.compensate import compensate, plain_text_windows
+    from aird.core.compensate import compensate, compensate_masked, plain_text_windows
 
     alpha = 1.0 if cfg.alpha == "auto" else float(cfg.alpha)
     ridge = cfg.ridge if cfg.ridge is not None else repair.ridge
@@ -774,17 +774,20 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
                                                    cfg.batch_size)
                 advance(1)
         with sw("fit"), rep.stage("fitting every block to the original model", lm.n_layers) as advance:
-            blocks = compensate(lm, orig, ids + plain, repair, ridge, alpha, cfg.batch_size, advance)
+            fit = compensate_masked if getattr(repair, "masked", False) else compensate
+            blocks = fit(lm, orig, ids + plain, repair, ridge, alpha, cfg.batch_size, advance)
     check_summary, check_rows = _check_repaired(check, lm, check_scorer, pcfg, cfg, judged, run, sw, rep)
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
                                                                     "method": repair.name})
     sa = summarize(decoder_linear_weights(lm.model.state_dict()))
-    adapter_params = sum(b[w]["rank"] * (m.in_features + m.out_features)
-                         for b, blk in zip(blocks, lm.adapter.layers(lm.model))
-                         for w, m in (("attn", lm.adapter.out_proj(blk, "attn")), ("mlp", lm.adapter.out_proj(blk, "mlp"))))
+    masked = getattr(repair, "masked", False)
+    adapter_params = 0 if masked else sum(
+        b[w]["rank"] * (m.in_features + m.out_features) for b, blk in zip(blocks, lm.adapter.layers(lm.model))
+        for w, m in (("attn", lm.adapter.out_proj(blk, "attn")), ("mlp", lm.adapter.out_proj(blk, "mlp"))))
     summary = run.record(
-        "repair.summary", method=repair.name, layer="all", matrix="attn+mlp", alpha=alpha, rank=repair.rank,
+        "repair.summary", method=repair.name, layer="all", matrix="every linear" if masked else "attn+mlp",
+        alpha=alpha, rank=None if masked else repair.rank, iterations=getattr(repair, "iterations", None),
         ridge=ridge, source_layer=ref.summary["source"]["layer"], reference_source=ref.summary["source"],
         sparsity={"before": sb["sparsity"], "after": sa["sparsity"]},
         layer_sparsity=None,

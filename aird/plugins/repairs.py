@@ -33,7 +33,10 @@ compressed model's.)
 The compensating variant (``aird-compensate``) goes further: a rank-k (64) update of both writers of every
 block, fitted block by block to the original model's residual stream at every token of prompts and plain text, the
 blocks below already corrected (aird/core/compensate.py). No search: the least-squares fit. Dense, and larger:
-about 2% of the 0.5B model's parameters as an adapter.
+about 2% of the 0.5B model's parameters as an adapter. Its sparse form (``aird-compensate-sparse``) refits every
+linear of every block on its own non-zeros instead (q/k/v and gate/up to the original linear's outputs, o_proj
+and down_proj to the original's residual; masked least squares by conjugate gradients), so a pruned model keeps
+exactly its zeros and its size.
 
 The grid variants (``aird-grid``, ``aird-ridge-grid``) are for quantized models: the same dense edit, then
 snapped onto the model's quantization grid (aird/core/qgrid.py: same bits and scales, only integer codes
@@ -120,6 +123,20 @@ class Compensate:
         return (weight.double() + alpha * fit.double()).to(weight.dtype)
 
 
+class CompensateSparse:
+    name = "aird-compensate-sparse"
+    description = ("every linear of every block refitted on its kept weights, block by block, to the original "
+                   "model (its zeros kept: sparsity unchanged)")
+    compensates = True       # aird/core/compensate.py, compensate_masked
+    masked = True
+    iterations = 25          # conjugate-gradient steps per matrix
+    ridge = 0.01
+
+    def edit(self, weight: torch.Tensor, unit: torch.Tensor | None, alpha: float, fit: torch.Tensor) -> torch.Tensor:
+        # fit: the matrix's fitted change, already zero wherever the weight is (kept so, whatever α)
+        return torch.where(weight != 0, (weight.double() + alpha * fit.double()).to(weight.dtype), weight)
+
+
 class GridRankOne(RankOne):
     name = "aird-grid"
     description = "the rank-one edit snapped onto the quantized model's grid (only integer codes change)"
@@ -140,5 +157,6 @@ def aird_register_repairs(register):
     register(SparseRidgeRankOne())
     register(RidgeSubspace())
     register(Compensate())
+    register(CompensateSparse())
     register(GridRankOne())
     register(GridRidgeRankOne())
