@@ -697,22 +697,29 @@ def test_fit_writer_recovers_a_planted_low_rank_change():
     assert fit["energy"] < 1 and sv[1] < 1e-5 * sv[0]
 
 
+def _last_residuals(study):
+    """The original and the pruned test models, the calibration prompts, and a reader of any model's residual
+    after its last block on them."""
+    from aird.core.repair import writer_rows
+
+    root, _ = study
+    unit, orig_path, texts = _calibration(study)
+    orig = load_model(orig_path, device="cpu")
+    eye = torch.eye(unit.numel())
+    return (orig, load_model(str(root / "pruned"), device="cpu"), texts,
+            lambda m: writer_rows(m, texts, orig.n_layers - 1, [], eye, 16)[1])
+
+
 def test_compensation_brings_every_block_closer_to_the_original(study, tmp_path, monkeypatch):
     """aird-compensate corrects every block in turn: each block's residual error against the original falls, the
     last block's residual on the calibration prompts ends far closer to the original's than the compressed
     model's, the edit is dense (the pruned zeros fill) and the record says what it cost."""
-    from aird.core.repair import writer_rows
     from aird.plugins.repairs import Compensate
 
     monkeypatch.setattr(Compensate, "rank", 8)
     root, data = study
-    unit, orig_path, texts = _calibration(study)
-    orig = load_model(orig_path, device="cpu")
-    last = orig.n_layers - 1
-    eye = torch.eye(unit.numel())
-    _, h_o, _ = writer_rows(orig, texts, last, [], eye, 16)
-    lm = load_model(str(root / "pruned"), device="cpu")
-    _, h_c, _ = writer_rows(lm, texts, last, [], eye, 16)
+    orig, lm, texts, resid = _last_residuals(study)
+    h_o, h_c = resid(orig), resid(lm)
     s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-compensate", judge="score", check_on=[],
                                                          data_dir=str(data), fit_text=4), tmp_path / "comp")
     assert s["layer"] == "all" and s["rank"] == 8 and s["alpha"] == 1.0 and len(s["blocks"]) == orig.n_layers
@@ -724,7 +731,7 @@ def test_compensation_brings_every_block_closer_to_the_original(study, tmp_path,
     blk = lm.adapter.layers(lm.model)[0]
     per_block = sum(8 * (m.in_features + m.out_features) for m in (blk.self_attn.o_proj, blk.mlp.down_proj))
     assert s["adapter_parameters"] == per_block * orig.n_layers
-    _, h_r, _ = writer_rows(load_model(str(tmp_path / "comp"), device="cpu"), texts, last, [], eye, 16)
+    h_r = resid(load_model(str(tmp_path / "comp"), device="cpu"))
     before, after = ((h_c - h_o) ** 2).sum(), ((h_r - h_o) ** 2).sum()
     assert after < 0.5 * before, (before, after)
     from aird.cli.render import console, render_repair
@@ -766,17 +773,10 @@ def test_sparse_compensation_keeps_every_zero_and_brings_every_block_closer(stud
     (the written model's sparsity is the compressed model's, matrix by matrix), every linear's weighted error
     falls, each block ends closer to the original than it started, and the last block's residual on the
     calibration prompts ends far closer to the original's."""
-    from aird.core.repair import writer_rows
-
     root, data = study
-    unit, orig_path, texts = _calibration(study)
-    orig = load_model(orig_path, device="cpu")
-    last = orig.n_layers - 1
-    eye = torch.eye(unit.numel())
-    _, h_o, _ = writer_rows(orig, texts, last, [], eye, 16)
-    lm = load_model(str(root / "pruned"), device="cpu")
+    orig, lm, texts, resid = _last_residuals(study)
     pruned = {f"{i}.{n}": m.weight.detach().clone() for i, n, m in lm.adapter.linears(lm.model)}
-    _, h_c, _ = writer_rows(lm, texts, last, [], eye, 16)
+    h_o, h_c = resid(orig), resid(lm)
     s = run_repair(lm, root / "probe-orig", RepairConfig(method="aird-compensate-sparse", judge="score",
                                                          check_on=[], data_dir=str(data), fit_text=4),
                    tmp_path / "comp")
@@ -795,7 +795,7 @@ def test_sparse_compensation_keeps_every_zero_and_brings_every_block_closer(stud
         assert (m.weight[z] == 0).all() and (m.weight[~z] != 0).all(), (i, n)
         changed += int((m.weight != pruned[f"{i}.{n}"]).any())
     assert changed == len(pruned)          # every linear refitted
-    _, h_r, _ = writer_rows(rep, texts, last, [], eye, 16)
+    h_r = resid(rep)
     before, after = ((h_c - h_o) ** 2).sum(), ((h_r - h_o) ** 2).sum()
     assert after < 0.5 * before, (before, after)
     from aird.cli.render import console, render_repair

@@ -147,43 +147,53 @@ def _relative_error(target: torch.Tensor, got: torch.Tensor) -> float:
     return float(((target - got).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-12)).pow(2).mean())
 
 
+def _blockwise(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], batch_size: int, method: str,
+               fit_block, advance) -> list[dict]:
+    """Go through the blocks of both models in order, from their own first-block inputs, so that only the current
+    block's rows are ever held: ``fit_block(block_o, block, state_o, state_c, batches)`` edits the compressed
+    block and returns its record and the original block's pass (with ``out``); the corrected block's output is the
+    next block's input. Adds each block's relative residual error after its correction."""
+    if not lm.adapter.projections_write_residual:
+        raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
+                        f"{method} fits the projections that write it (not supported).")
+    batches = batches_of_ids(lm, ids, batch_size)
+    records = []
+    with torch.no_grad():
+        state_o, state_c = _block_inputs(orig, batches), _block_inputs(lm, batches)
+        for layer, (block_o, block) in enumerate(zip(orig.adapter.layers(orig.model), lm.adapter.layers(lm.model))):
+            rec, o = fit_block(block_o, block, state_o, state_c, batches)
+            c = _run_block(lm, block, state_c, batches, ("out",))
+            records.append({"layer": layer, **rec, "error_after": _relative_error(o["out"], c["out"])})
+            for st, new in ((state_o, o["new"]), (state_c, c["new"])):
+                for s, h in zip(st, new):
+                    s[0] = h
+            advance(1)
+    return records
+
+
 def compensate(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair, ridge: float, alpha: float,
                batch_size: int, advance=lambda n=1: None) -> list[dict]:
     """Fit and apply the corrections block by block, editing ``lm`` in place (module docstring): each writer's
     fitted change goes through ``repair.edit(W, None, alpha, fit=ΔW)`` at ``repair.rank``. ``ids``: the
     calibration texts as token ids. Returns one record per block: the fits of both writers and the relative
     residual error after the block before and after its correction."""
-    if not lm.adapter.projections_write_residual:
-        raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
-                        "aird-compensate fits the projections that write it (not supported).")
-    batches = batches_of_ids(lm, ids, batch_size)
-    records = []
-    with torch.no_grad():
-        # both models advance one block at a time from their own first-block inputs: only the current block's
-        # rows are ever held
-        state_o, state_c = _block_inputs(orig, batches), _block_inputs(lm, batches)
-        for layer, (block_o, block) in enumerate(zip(orig.adapter.layers(orig.model), lm.adapter.layers(lm.model))):
-            o = _run_block(orig, block_o, state_o, batches, ("mid", "out"))
-            rec: dict = {"layer": layer}
-            for which, x_key, key in (("attn", "x_attn", "mid"), ("mlp", "x_mlp", "out")):
-                c = _run_block(lm, block, state_c, batches, (x_key, key))
-                if which == "mlp":
-                    rec["error_before"] = _relative_error(o["out"], c["out"])
-                target = o[key]
-                delta, fit = fit_writer(c[x_key], target - c[key], 1 / target.norm(dim=-1).clamp_min(1e-6),
-                                        repair.rank, ridge)
-                writer = lm.adapter.out_proj(block, which)
-                writer.weight.data.copy_(repair.edit(writer.weight.data, None, alpha,
-                                                     fit=delta.to(writer.weight.device)))
-                rec[which] = fit
-            c = _run_block(lm, block, state_c, batches, ("out",))
-            rec["error_after"] = _relative_error(o["out"], c["out"])
-            for st, new in ((state_o, o["new"]), (state_c, c["new"])):
-                for s, h in zip(st, new):
-                    s[0] = h
-            records.append(rec)
-            advance(1)
-    return records
+
+    def fit_block(block_o, block, state_o, state_c, batches):
+        o = _run_block(orig, block_o, state_o, batches, ("mid", "out"))
+        rec: dict = {}
+        for which, x_key, key in (("attn", "x_attn", "mid"), ("mlp", "x_mlp", "out")):
+            c = _run_block(lm, block, state_c, batches, (x_key, key))
+            if which == "mlp":
+                rec["error_before"] = _relative_error(o["out"], c["out"])
+            target = o[key]
+            delta, fit = fit_writer(c[x_key], target - c[key], 1 / target.norm(dim=-1).clamp_min(1e-6),
+                                    repair.rank, ridge)
+            writer = lm.adapter.out_proj(block, which)
+            writer.weight.data.copy_(repair.edit(writer.weight.data, None, alpha, fit=delta.to(writer.weight.device)))
+            rec[which] = fit
+        return rec, o
+
+    return _blockwise(lm, orig, ids, batch_size, "aird-compensate", fit_block, advance)
 
 
 # ---- the sparse form: every linear refitted on its own zeros -------------------------------------------------
@@ -258,59 +268,48 @@ def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], 
     inputs the groups before it produce. Token rows are weighted by the inverse norm of the original residual.
     Returns one record per block: each linear's weighted error before and after its fit, and the block's
     relative residual error before and after."""
-    if not lm.adapter.projections_write_residual:
-        raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
-                        "aird-compensate-sparse fits the projections that write it (not supported).")
-    batches = batches_of_ids(lm, ids, batch_size)
-    records = []
-    with torch.no_grad():
-        state_o, state_c = _block_inputs(orig, batches), _block_inputs(lm, batches)
-        for layer, (block_o, block) in enumerate(zip(orig.adapter.layers(orig.model), lm.adapter.layers(lm.model))):
-            writers = {lm.adapter.out_proj(block, "attn"): "mid", lm.adapter.out_proj(block, "mlp"): "out"}
-            groups = _groups(block, state_c)
-            heads = [f"in:{g[0]}" for g in groups if block.get_submodule(g[0]) not in writers]
-            o = _run_block(orig, block_o, state_o, batches, (*heads, "mid", "out"))
-            rec: dict = {"layer": layer, "linears": {}}
-            for gi, group in enumerate(groups):
-                mods = [block.get_submodule(n) for n in group]
-                key = writers.get(mods[0])
-                resid = key or ("mid" if gi < next(i for i, g in enumerate(groups)
-                                                   if block.get_submodule(g[0]) in writers) else "out")
-                c = _run_block(lm, block, state_c, batches, (f"in:{group[0]}", *((key,) if key else ()),
-                                                             *(("out",) if gi == 0 else ())))
-                if gi == 0:
-                    rec["error_before"] = _relative_error(o["out"], c["out"])
-                w = 1 / o[resid].norm(dim=-1).clamp_min(1e-6)
-                x = c[f"in:{group[0]}"]
-                H = _gram(x, w)
-                if key:
-                    xw = x * w[:, None]
-                    Cs = [((o[key] - c[key]) * w[:, None]).T @ xw]
-                    e0s = [float((((o[key] - c[key]) * w[:, None]) ** 2).sum())]
-                else:
-                    xo = o[f"in:{group[0]}"]
-                    K = (xo * w[:, None]).T @ (x * w[:, None])
-                    Goo = _gram(xo, w)
-                    Cs, e0s = [], []
-                    for mod, name in zip(mods, group):
-                        Wo = block_o.get_submodule(name).weight.data.float().cpu()
-                        Wc = mod.weight.data.float().cpu()
-                        WcH = Wc @ H
-                        Cs.append(Wo @ K - WcH)
-                        e0s.append(float((Wo @ Goo * Wo).sum() - 2 * (Wo @ K * Wc).sum() + (WcH * Wc).sum()))
-                for mod, name, C, e0 in zip(mods, group, Cs, e0s):
-                    mask = mod.weight.data.cpu() != 0
-                    delta = masked_ridge(H, C, mask, ridge, repair.iterations)
-                    e1 = e0 - 2 * float((delta * C).sum()) + float((delta @ H * delta).sum())
-                    mod.weight.data.copy_(repair.edit(mod.weight.data, None, alpha,
-                                                      fit=delta.to(mod.weight.device, mod.weight.dtype)))
-                    rec["linears"][name] = {"error_before": e0, "error_after": e1,
-                                            "kept": float(mask.float().mean())}
-            c = _run_block(lm, block, state_c, batches, ("out",))
-            rec["error_after"] = _relative_error(o["out"], c["out"])
-            for st, new in ((state_o, o["new"]), (state_c, c["new"])):
-                for s, h in zip(st, new):
-                    s[0] = h
-            records.append(rec)
-            advance(1)
-    return records
+
+    def fit_block(block_o, block, state_o, state_c, batches):
+        writers = {lm.adapter.out_proj(block, "attn"): "mid", lm.adapter.out_proj(block, "mlp"): "out"}
+        groups = _groups(block, state_c)
+        heads = [f"in:{g[0]}" for g in groups if block.get_submodule(g[0]) not in writers]
+        attn_writer = next(i for i, g in enumerate(groups) if block.get_submodule(g[0]) in writers)
+        o = _run_block(orig, block_o, state_o, batches, (*heads, "mid", "out"))
+        rec: dict = {"linears": {}}
+        for gi, group in enumerate(groups):
+            mods = [block.get_submodule(n) for n in group]
+            key = writers.get(mods[0])
+            resid = key or ("mid" if gi < attn_writer else "out")    # the residual its row weights read
+            c = _run_block(lm, block, state_c, batches, (f"in:{group[0]}", *((key,) if key else ()),
+                                                         *(("out",) if gi == 0 else ())))
+            if gi == 0:
+                rec["error_before"] = _relative_error(o["out"], c["out"])
+            w = 1 / o[resid].norm(dim=-1).clamp_min(1e-6)
+            x = c[f"in:{group[0]}"]
+            H = _gram(x, w)
+            if key:
+                xw = x * w[:, None]
+                Cs = [((o[key] - c[key]) * w[:, None]).T @ xw]
+                e0s = [float((((o[key] - c[key]) * w[:, None]) ** 2).sum())]
+            else:
+                xo = o[f"in:{group[0]}"]
+                K = (xo * w[:, None]).T @ (x * w[:, None])
+                Goo = _gram(xo, w)
+                Cs, e0s = [], []
+                for mod, name in zip(mods, group):
+                    Wo = block_o.get_submodule(name).weight.data.float().cpu()
+                    Wc = mod.weight.data.float().cpu()
+                    WcH = Wc @ H
+                    Cs.append(Wo @ K - WcH)
+                    e0s.append(float((Wo @ Goo * Wo).sum() - 2 * (Wo @ K * Wc).sum() + (WcH * Wc).sum()))
+            for mod, name, C, e0 in zip(mods, group, Cs, e0s):
+                mask = mod.weight.data.cpu() != 0
+                delta = masked_ridge(H, C, mask, ridge, repair.iterations)
+                e1 = e0 - 2 * float((delta * C).sum()) + float((delta @ H * delta).sum())
+                mod.weight.data.copy_(repair.edit(mod.weight.data, None, alpha,
+                                                  fit=delta.to(mod.weight.device, mod.weight.dtype)))
+                rec["linears"][name] = {"error_before": e0, "error_after": e1,
+                                        "kept": float(mask.float().mean())}
+        return rec, o
+
+    return _blockwise(lm, orig, ids, batch_size, "aird-compensate-sparse", fit_block, advance)
