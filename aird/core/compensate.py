@@ -253,11 +253,6 @@ def _groups(block, state: list[list]) -> list[list[str]]:
     return groups
 
 
-def _gram(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    xw = x * w[:, None]
-    return xw.T @ xw
-
-
 def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair, ridge: float,
                       alpha: float, batch_size: int, advance=lambda n=1: None) -> list[dict]:
     """The sparse form of :func:`compensate`: at each block, in forward order, every linear's kept weights are
@@ -284,24 +279,22 @@ def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], 
                                                          *(("out",) if gi == 0 else ())))
             if gi == 0:
                 rec["error_before"] = _relative_error(o["out"], c["out"])
-            w = 1 / o[resid].norm(dim=-1).clamp_min(1e-6)
-            x = c[f"in:{group[0]}"]
-            H = _gram(x, w)
-            if key:
-                xw = x * w[:, None]
-                Cs = [((o[key] - c[key]) * w[:, None]).T @ xw]
-                e0s = [float((((o[key] - c[key]) * w[:, None]) ** 2).sum())]
-            else:
-                xo = o[f"in:{group[0]}"]
-                K = (xo * w[:, None]).T @ (x * w[:, None])
-                Goo = _gram(xo, w)
+            w = 1 / o[resid].norm(dim=-1).clamp_min(1e-6)[:, None]
+            xw = c[f"in:{group[0]}"] * w
+            H = xw.T @ xw
+            if key:          # a writer: the weighted residual difference is its error
+                dw = (o[key] - c[key]) * w
+                Cs, e0s = [dw.T @ xw], [float((dw ** 2).sum())]
+            else:            # the original linear's output on the original's inputs: Wo xo − Wc xc
+                xow = o[f"in:{group[0]}"] * w
+                K, Goo = xow.T @ xw, xow.T @ xow
                 Cs, e0s = [], []
                 for mod, name in zip(mods, group):
                     Wo = block_o.get_submodule(name).weight.data.float().cpu()
                     Wc = mod.weight.data.float().cpu()
-                    WcH = Wc @ H
-                    Cs.append(Wo @ K - WcH)
-                    e0s.append(float((Wo @ Goo * Wo).sum() - 2 * (Wo @ K * Wc).sum() + (WcH * Wc).sum()))
+                    WoK, WcH = Wo @ K, Wc @ H
+                    Cs.append(WoK - WcH)
+                    e0s.append(float((Wo @ Goo * Wo).sum() - 2 * (WoK * Wc).sum() + (WcH * Wc).sum()))
             for mod, name, C, e0 in zip(mods, group, Cs, e0s):
                 mask = mod.weight.data.cpu() != 0
                 delta = masked_ridge(H, C, mask, ridge, repair.iterations)
