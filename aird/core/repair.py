@@ -757,6 +757,7 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
 
     alpha = 1.0 if cfg.alpha == "auto" else float(cfg.alpha)
     ridge = cfg.ridge if cfg.ridge is not None else repair.ridge
+    masked = getattr(repair, "masked", False)     # every linear refitted on its non-zeros (no low-rank factors)
     judged: dict[str, list[bool]] = {}
     sb = summarize(decoder_linear_weights(lm.model.state_dict()))     # before the edit: no copy of the weights
     if check is not None:
@@ -774,14 +775,13 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
                                                    cfg.batch_size)
                 advance(1)
         with sw("fit"), rep.stage("fitting every block to the original model", lm.n_layers) as advance:
-            fit = compensate_masked if getattr(repair, "masked", False) else compensate
+            fit = compensate_masked if masked else compensate
             blocks = fit(lm, orig, ids + plain, repair, ridge, alpha, cfg.batch_size, advance)
     check_summary, check_rows = _check_repaired(check, lm, check_scorer, pcfg, cfg, judged, run, sw, rep)
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
                                                                     "method": repair.name})
     sa = summarize(decoder_linear_weights(lm.model.state_dict()))
-    masked = getattr(repair, "masked", False)
     adapter_params = 0 if masked else sum(
         b[w]["rank"] * (m.in_features + m.out_features) for b, blk in zip(blocks, lm.adapter.layers(lm.model))
         for w, m in (("attn", lm.adapter.out_proj(blk, "attn")), ("mlp", lm.adapter.out_proj(blk, "mlp"))))
