@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +80,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(143) from None
     except BrokenPipeError:
         # the reader of stdout went away (`aird data | head -1`): stop quietly, as a Unix filter does
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
     except Exception as exc:

@@ -241,10 +241,12 @@ def _groups(block, state: list[list]) -> list[list[str]]:
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
+    seen: set[str] = set()
     last = None
     for name, ptr in calls:
-        if name in {n for g in groups for n in g}:
+        if name in seen:
             continue
+        seen.add(name)
         if ptr == last:
             groups[-1].append(name)
         else:
@@ -264,9 +266,14 @@ def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], 
     Returns one record per block: each linear's weighted error before and after its fit, and the block's
     relative residual error before and after."""
 
+    layouts: dict[tuple[str, ...], list[list[str]]] = {}     # blocks of one layout share their groups
+
     def fit_block(block_o, block, state_o, state_c, batches):
         writers = {lm.adapter.out_proj(block, "attn"): "mid", lm.adapter.out_proj(block, "mlp"): "out"}
-        groups = _groups(block, state_c)
+        names = tuple(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
+        if names not in layouts:
+            layouts[names] = _groups(block, state_c)
+        groups = layouts[names]
         heads = [f"in:{g[0]}" for g in groups if block.get_submodule(g[0]) not in writers]
         attn_writer = next(i for i, g in enumerate(groups) if block.get_submodule(g[0]) in writers)
         o = _run_block(orig, block_o, state_o, batches, (*heads, "mid", "out"))
