@@ -75,7 +75,7 @@ class _Stop(Exception):
 
 def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], keep: tuple[str, ...]) -> dict:
     """Run ``block`` on every batch's cached input. Returns, for each name in ``keep``, its rows at every real
-    token (float32, on the CPU): ``x_attn`` / ``x_mlp`` the writers' inputs, ``in:NAME`` the input of the block's
+    token (float32, on the model's device): ``x_attn`` / ``x_mlp`` the writers' inputs, ``in:NAME`` the input of the block's
     linear NAME (e.g. ``in:self_attn.q_proj``), ``mid`` the residual after the attention half, ``out`` the
     residual after the block; with ``out``, also the block's outputs per batch (``new``). Without it, each pass
     stops as soon as it has read what was asked (an attention-half read skips the MLP)."""
@@ -114,7 +114,7 @@ def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], 
                 pass
             m = b.attention_mask.bool().to(hidden.device)
             for k in keep:
-                rows[k].append(cur[k][m].float().cpu())
+                rows[k].append(cur[k][m].float())
     finally:
         for h in handles:
             h.remove()
@@ -135,7 +135,7 @@ def fit_writer(x: torch.Tensor, diff: torch.Tensor, weight: torch.Tensor, rank: 
     G = X.T @ X
     d = G.shape[0]
     lam = ridge * (float(G.trace()) / d or 1.0)
-    U = torch.cholesky_solve(X.T @ T, torch.linalg.cholesky(G + lam * torch.eye(d, dtype=torch.float64)))  # [d_in, k]
+    U = torch.cholesky_solve(X.T @ T, torch.linalg.cholesky(G + lam * torch.eye(d, dtype=torch.float64, device=G.device)))  # [d_in, k]
     energy = s.pow(2)
     sst = float((T ** 2).sum()) or 1.0
     return (V @ U.T).float(), {"rank": k, "energy": float(energy[:k].sum() / energy.sum().clamp_min(1e-300)),
@@ -208,7 +208,7 @@ def masked_ridge(H: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, ridge: fl
     [d_out, d_in] × [d_in, d_in] product per step) from Δ = 0, instead of one d_in-sized solve per row."""
     H = H.float()
     lam = ridge * float(H.diagonal().mean()) or ridge
-    Hl = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+    Hl = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     M = mask.to(H.dtype)
     inv = 1.0 / Hl.diagonal().clamp_min(1e-30)
     delta = torch.zeros_like(C, dtype=H.dtype)
@@ -297,13 +297,13 @@ def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], 
                 K, Goo = xow.T @ xw, xow.T @ xow
                 Cs, e0s = [], []
                 for mod, name in zip(mods, group):
-                    Wo = block_o.get_submodule(name).weight.data.float().cpu()
-                    Wc = mod.weight.data.float().cpu()
+                    Wo = block_o.get_submodule(name).weight.data.float().to(H.device)
+                    Wc = mod.weight.data.float()
                     WoK, WcH = Wo @ K, Wc @ H
                     Cs.append(WoK - WcH)
                     e0s.append(float((Wo @ Goo * Wo).sum() - 2 * (WoK * Wc).sum() + (WcH * Wc).sum()))
             for mod, name, C, e0 in zip(mods, group, Cs, e0s):
-                mask = mod.weight.data.cpu() != 0
+                mask = mod.weight.data != 0
                 delta = masked_ridge(H, C, mask, ridge, repair.iterations)
                 e1 = e0 - 2 * float((delta * C).sum()) + float((delta @ H * delta).sum())
                 mod.weight.data.copy_(repair.edit(mod.weight.data, None, alpha,
