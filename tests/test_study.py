@@ -228,6 +228,42 @@ def test_rerun_reuses_every_step_without_loading_a_model(finished, monkeypatch):
     assert [e.name for e in again.entries] == [e.name for e in res.entries]
 
 
+def test_report_only_reports_the_finished_models_of_a_study_still_running(finished, tmp_path, monkeypatch):
+    """--report-only on a study cut short (steps.jsonl lacks rtn-8's evaluation and mag-50's repair's): the report
+    holds the models whose steps are all done, names the others as still to come, and nothing is run, loaded or
+    written beside the report; a folder with no study is one sentence."""
+    import shutil
+
+    res, cfg, tmp, data = finished
+    out = tmp_path / "cut"
+    shutil.copytree(res.out, out)
+    for f in ("report.md", "report.html", "findings.json"):
+        (out / f).unlink()
+    cut = ("eval rtn-8", "eval mag-50-aird-ridge-sparse")
+    lines = [ln for ln in (out / "steps.jsonl").read_text().splitlines() if json.loads(ln)["step"] not in cut]
+    (out / "steps.jsonl").write_text("\n".join(lines) + "\n")
+    before = (out / "steps.jsonl").read_bytes()
+
+    def no_load(*a, **k):
+        raise AssertionError("--report-only loaded a model")
+
+    monkeypatch.setattr("aird.core.loading.load_model", no_load)
+    r = CliRunner().invoke(app, ["study", "--out", str(out), "--report-only", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["profile"] == "quick" and summary["model"] == cfg["model"]
+    assert summary["pending"] == ["mag-50-aird-ridge-sparse", "rtn-8"] and "partial: not finished yet" in r.output
+    md = (out / "report.md").read_text()
+    assert "Partial report" in md and "still to come: mag-50-aird-ridge-sparse, rtn-8" in md
+    main = md.split("## Main table")[1].split("\n\n")[1]
+    assert "| mag-50 |" in main and "| rtn-8 |" not in main and "| mag-50-aird-ridge-sparse |" not in main
+    assert (out / "steps.jsonl").read_bytes() == before      # nothing run, nothing recorded
+    # the finished study's own report has no such paragraph
+    assert "Partial report" not in res.report.read_text()
+    r = CliRunner().invoke(app, ["study", "--out", str(tmp_path / "none"), "--report-only"])
+    assert r.exit_code != 0 and "holds no study" in r.output and "Traceback" not in r.output
+
+
 def test_study_with_other_settings_is_refused(finished):
     res, cfg, tmp, data = finished
     other = {**cfg, "seed": cfg["seed"] + 1}

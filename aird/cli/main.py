@@ -656,14 +656,19 @@ def study_cmd(
                                      "weights once its steps are done (their sha256 kept for the cards): one "
                                      "model's folders on disk at a time (study key keep_models = false)."),
     force: bool = typer.Option(False, "--force", help="Start the study in --out again from nothing."),
+    report_only: bool = typer.Option(False, "--report-only", help="Write the report of the models the study in "
+                                     "--out has finished so far, with its stored configuration: runs nothing, "
+                                     "loads no model, works while the study runs."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """The paper's whole experiment: compress with a grid, probe every model, diff each against the original,
     repair the moved ones, evaluate all; writes report.md and report.html. Reruns reuse finished steps."""
     from aird.core.env import resolve_device, set_threads
-    from aird.core.study import resolve_config, run_study
+    from aird.core.study import report_study, resolve_config, run_study
 
     with user_errors():
+        if report_only and force:
+            raise AirdError("--report-only runs nothing; it cannot be combined with --force.")
         if quick and profile not in (None, "quick"):
             raise AirdError(f"--quick and --profile {profile} disagree; give one of them.")
         profile = "quick" if quick else profile or "full"
@@ -676,13 +681,17 @@ def study_cmd(
                                                "keep_models": False if drop_models else None}, cuda=cuda)
         out = out or Path("runs") / f"study-{_slug(cfg['model'])}-{profile}"
         check_writable_folder(out)
-        res = run_study(cfg, out, force=force, reporter=RichReporter(), device=device,
-                        data_dir=str(data_dir) if data_dir else None, trust_remote_code=trust_remote_code)
+        if report_only:
+            res = report_study(out)
+            cfg, profile = res.config, res.config.get("profile", profile)
+        else:
+            res = run_study(cfg, out, force=force, reporter=RichReporter(), device=device,
+                            data_dir=str(data_dir) if data_dir else None, trust_remote_code=trust_remote_code)
         render_study(res)
         if wants_json(json_out):
             emit([{"record": "study.summary", "model": cfg["model"], "profile": profile, "out": str(res.out),
                    "report": str(res.report), "findings": res.findings, "seconds": res.seconds,
-                   "steps": res.steps}])
+                   "steps": res.steps, "pending": res.pending}])
 
 
 def main() -> None:

@@ -252,6 +252,8 @@ def render_study(res) -> None:
                                   "perplexity"], rows))
     console.print(table("findings of the paper", ["finding", "verdict"],
                         [(f["finding"], f["verdict"]) for f in res.findings]))
+    if res.pending:
+        console.print(f"[yellow]partial: not finished yet: {', '.join(res.pending)}", highlight=False, soft_wrap=True)
     console.print(f"report: {res.report} (and report.html); {res.seconds:.0f}s", highlight=False, soft_wrap=True)
 
 

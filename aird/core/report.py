@@ -639,8 +639,11 @@ def _html(blocks: list[Block], title: str) -> str:
     return "\n".join(parts)
 
 
-def write_report(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], found: list[dict]) -> Path:
-    """Plots into OUT/plots, then OUT/report.md and OUT/report.html; returns the Markdown path."""
+def write_report(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict], found: list[dict],
+                 pending: list[str] | None = None) -> Path:
+    """Plots into OUT/plots, then OUT/report.md and OUT/report.html; returns the Markdown path. ``pending``: the
+    models whose steps are not all finished yet (a report written while the study runs: ``aird study
+    --report-only``)."""
     from aird.core.plots import plot_asr, plot_refusal_scores
 
     plots: dict[str, str] = {}
@@ -657,6 +660,11 @@ def write_report(out: Path, cfg: dict, entries: list["Entry"], steps: list[dict]
     if scores and plot_refusal_scores(out / "plots" / "refusal_scores.png", scores):
         plots["scores"] = "plots/refusal_scores.png"
     blocks = _blocks(out, cfg, entries, steps, found, plots)
+    if pending:
+        blocks.insert(1, ("p", f"Partial report: the study has not finished. It covers the {len(entries)} models "
+                               f"whose steps are all done; still to come: {', '.join(pending)} (with the repairs of "
+                               "those whose direction moves). What the models still to come would show is missing "
+                               "from the findings, not counted against them."))
     md = out / "report.md"
     atomic_write_text(md, _md(blocks))
     atomic_write_text(out / "report.html", _html(blocks, f"aird study: {cfg['model']}"))

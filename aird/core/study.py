@@ -305,11 +305,16 @@ def _summary(path: Path, record: str) -> dict | None:
     return next((r for r in recs if r["record"] == record), None)
 
 
+class _NotFinished(Exception):
+    """A step the study has not finished, met while only finished steps may be read (``report_study``)."""
+
+
 class _Study:
     def __init__(self, cfg: dict, out: Path, rep: Reporter, device: str | None, data_dir: str | None,
-                 advance: Callable[..., None], trust_remote_code: bool = False):
+                 advance: Callable[..., None], trust_remote_code: bool = False, finished_only: bool = False):
         self.cfg, self.out, self.rep, self.device, self.data_dir = cfg, out, rep, device, data_dir
         self.trust_remote_code = trust_remote_code
+        self.finished_only = finished_only     # read what steps.jsonl says is done; run and load nothing
         self.advance = advance
         self.steps: list[dict] = []
         self.done = {r["step"]: r for r in (read_jsonl(out / STEPS_JSONL, torn_tail_ok=True)
@@ -321,6 +326,8 @@ class _Study:
     def lm(self, path: str):
         from aird.core.loading import load_model
 
+        if self.finished_only:
+            raise _NotFinished(path)
         if self._lm is None or self._lm_path != path:
             self._lm = None
             self._lm = load_model(path, device=self.device, trust_remote_code=self.trust_remote_code)
@@ -334,6 +341,8 @@ class _Study:
         gc.collect()   # a model with hooks sits in reference cycles: free it before the next one loads
 
     def step(self, name: str, fn: Callable[[], dict]) -> dict:
+        if self.finished_only and name not in self.done:
+            raise _NotFinished(name)
         self.advance(0, description=f"study: {name}")
         t = time.perf_counter()
         res = fn()
@@ -472,6 +481,60 @@ def data_used(cfg: dict) -> list[str]:
         names.append("jailbreakbench")   # the goals the templates are filled with
     names += [*ev["tasks"], "wikitext2"]
     return list(dict.fromkeys(names))
+
+
+def report_study(out: Path) -> StudyResult:
+    """The report of what a study has finished so far, with its own stored configuration: every model whose
+    steps are all in steps.jsonl, read from its artifacts; nothing is run, no model is loaded and no lock is taken,
+    so it can be written while the study runs (report.md says which steps are still to come)."""
+    out = Path(out)
+    stored = out / STUDY_JSON
+    if not stored.is_file():
+        raise ArtifactError(f"{out} holds no study ({STUDY_JSON} is missing); start it with `aird study --out {out}`.")
+    try:
+        cfg = json.loads(stored.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ArtifactError(f"{stored} is not a study configuration aird wrote.") from None
+    t0 = time.perf_counter()
+    st = _Study(cfg, out, Reporter(), None, None, lambda *a, **k: None, finished_only=True)
+    original = Entry("original", "original", out / "original", cfg["model"])
+    try:
+        st.probe(original)
+        st.evaluate(original)
+    except _NotFinished:
+        raise ArtifactError(f"the study in {out} has not finished the original model's probe and evaluation yet: "
+                            "nothing to report.") from None
+    compressed: list[Entry] = []
+    repaired: list[Entry] = []
+    pending: list[str] = []
+    rc = cfg["repair"]
+    for g in cfg["grid"]:
+        methods = list(g.get("repairs", rc["methods"]))
+        try:
+            e = st.compress(g, original)
+            st.probe(e)
+            st.diff(e, original)
+            st.evaluate(e)
+        except _NotFinished:
+            pending.append(g["name"])     # (its repairs follow if its direction moves: not known yet)
+            continue
+        compressed.append(e)
+        if not (rc["when"] == "all" or (rc["when"] == "moved" and moved(e.diff, rc["moved_below_cosine"]))):
+            continue
+        for method in methods:
+            try:
+                r = st.repair(method, e, original)
+                st.probe(r)
+                st.diff(r, original)
+                st.evaluate(r)
+            except _NotFinished:
+                pending.append(f"{g['name']}-{method}")
+                continue
+            repaired.append(r)
+    entries = [original, *compressed, *repaired]
+    found = findings(entries, cfg)
+    report = write_report(out, cfg, entries, st.steps, found, pending=pending)
+    return StudyResult(out, cfg, entries, st.steps, report, found, round(time.perf_counter() - t0, 3), pending)
 
 
 def run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | None = None,

@@ -39,3 +39,4 @@ class StudyResult:
     report: Path | None = None
     findings: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    pending: list[str] = field(default_factory=list)   # models not finished yet (a report-only result)
