@@ -237,7 +237,7 @@ def test_report_only_reports_the_finished_models_of_a_study_still_running(finish
     res, cfg, tmp, data = finished
     out = tmp_path / "cut"
     shutil.copytree(res.out, out)
-    for f in ("report.md", "report.html", "findings.json"):
+    for f in ("report.md", "report.html", "findings.json", *(p.relative_to(out) for p in out.glob("*/card.json"))):
         (out / f).unlink()
     cut = ("eval rtn-8", "eval mag-50-aird-ridge-sparse")
     lines = [ln for ln in (out / "steps.jsonl").read_text().splitlines() if json.loads(ln)["step"] not in cut]
@@ -258,6 +258,7 @@ def test_report_only_reports_the_finished_models_of_a_study_still_running(finish
     main = md.split("## Main table")[1].split("\n\n")[1]
     assert "| mag-50 |" in main and "| rtn-8 |" not in main and "| mag-50-aird-ridge-sparse |" not in main
     assert (out / "steps.jsonl").read_bytes() == before      # nothing run, nothing recorded
+    assert "## Safety cards" in md and json.loads((out / "mag-50" / "card.json").read_text())["parent"] == "original"
     # the finished study's own report has no such paragraph
     assert "Partial report" not in res.report.read_text()
     r = CliRunner().invoke(app, ["study", "--out", str(tmp_path / "none"), "--report-only"])

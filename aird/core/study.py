@@ -485,8 +485,8 @@ def data_used(cfg: dict) -> list[str]:
 
 def report_study(out: Path) -> StudyResult:
     """The report of what a study has finished so far, with its own stored configuration: every model whose
-    steps are all in steps.jsonl, read from its artifacts; nothing is run, no model is loaded and no lock is taken,
-    so it can be written while the study runs (report.md says which steps are still to come)."""
+    steps are all in steps.jsonl, read from its artifacts, with its card; nothing is run, no model is loaded and no
+    lock is taken, so it can be written while the study runs (report.md says which models are still to come)."""
     out = Path(out)
     stored = out / STUDY_JSON
     if not stored.is_file():
@@ -533,6 +533,7 @@ def report_study(out: Path) -> StudyResult:
             repaired.append(r)
     entries = [original, *compressed, *repaired]
     found = findings(entries, cfg)
+    write_cards(entries, study_judge(cfg, entries))     # the finished models' cards (hashes their weights once)
     report = write_report(out, cfg, entries, st.steps, found, pending=pending)
     return StudyResult(out, cfg, entries, st.steps, report, found, round(time.perf_counter() - t0, 3), pending)
 
