@@ -782,8 +782,10 @@ def test_sparse_compensation_keeps_every_zero_and_brings_every_block_closer(stud
                    tmp_path / "comp")
     assert s["rank"] is None and s["adapter_parameters"] == 0 and len(s["blocks"]) == orig.n_layers
     assert s["sparsity"]["after"] == pytest.approx(s["sparsity"]["before"], abs=1e-9) and s["sparsity"]["before"] > 0.3
+    assert s["calibration"]["post_weight"] == 1.0 and s["calibration"]["post_instruction_tokens"] > 0
     for b in s["blocks"]:
         assert b["error_after"] < b["error_before"], b
+        assert 0 <= b["error_after_post"] and 0 <= b["error_before_post"]
         assert set(b["linears"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
         for name, v in b["linears"].items():
@@ -803,6 +805,47 @@ def test_sparse_compensation_keeps_every_zero_and_brings_every_block_closer(stud
     with console.capture() as cap:
         render_repair(s)
     assert "every linear of every block" in cap.get() and "25 CG steps" in cap.get()
+
+
+def test_post_rows_mark_each_prompts_post_instruction_tokens_and_no_plain_text(refusing_lm):
+    """The rows the fits weigh as post-instruction tokens are the last n tokens of each chat prompt, in the order
+    the block passes gather rows, and none of a plain-text window (which follows the prompts)."""
+    from aird.core.compensate import post_rows
+    from aird.core.forward import batches_of_ids
+
+    lm = refusing_lm
+    ids = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25, 26, 27]]     # two prompts, then one plain window
+    batches = batches_of_ids(lm, ids, 2)
+    rows = post_rows(batches, 2, 2)
+    tokens = torch.cat([b.input_ids[b.attention_mask.bool()] for b in batches])
+    assert rows.shape == tokens.shape and int(rows.sum()) == 4
+    assert sorted(tokens[rows].tolist()) == [8, 9, 12, 13]
+    assert post_rows(batches, 2, 0) is None
+
+
+def test_post_weight_brings_the_post_instruction_tokens_closer(study):
+    """Weighing the prompts' post-instruction tokens more in the sparse compensation's fits leaves them closer
+    to the original model's residual, block by block, than the plain fit; the records give both errors."""
+    from aird.core.compensate import compensate_masked
+    from aird.plugins.repairs import CompensateSparse
+
+    root, _ = study
+    orig, _, texts, _ = _last_residuals(study)
+    ids = [orig.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    n_post = len(orig.adapter.post_instruction_positions(orig.tokenizer))
+    got = {}
+    for w in (1.0, 30.0):
+        lm = load_model(str(root / "pruned"), device="cpu")
+        got[w] = compensate_masked(lm, orig, ids, CompensateSparse(), 0.01, 1.0, 16, post=(len(ids), n_post),
+                                   post_weight=w)
+    assert got[1.0][0]["error_before_post"] == pytest.approx(got[30.0][0]["error_before_post"])   # same start
+    assert all(b["error_after_post"] < b["error_before_post"] for b in got[30.0])
+    last = orig.n_layers - 1
+    assert got[30.0][last]["error_after_post"] < got[1.0][last]["error_after_post"], (got[1.0][last], got[30.0][last])
+    with pytest.raises(AirdError, match="post-weight"):
+        RepairConfig(method="aird-ridge", post_weight=2).validate()
+    with pytest.raises(AirdError, match="post-weight"):
+        RepairConfig(method="aird-compensate", post_weight=0).validate()
 
 
 def test_a_block_pass_that_needs_no_output_stops_early_and_reads_the_same_rows(refusing_lm):

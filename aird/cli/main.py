@@ -469,6 +469,9 @@ def repair_cmd(
                                       "reply is decided) or all."),
     fit_text: int = typer.Option(RepairConfig.fit_text, help="aird-compensate: windows of 128 plain-text tokens "
                                  "(the end of WikiText-2's test text) beside the prompts in its calibration."),
+    post_weight: float = typer.Option(RepairConfig.post_weight, help="aird-compensate*: how many times each "
+                                      "prompt's post-instruction tokens (where the reply is decided) count in the "
+                                      "block fits, against 1 for every other token."),
     batch_size: int = typer.Option(RepairConfig.batch_size),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     device: str = DEVICE_OPT,
@@ -496,7 +499,7 @@ def repair_cmd(
                            tune_on=list(tune_on) if tune_on else None, tune_limit=tune_limit,
                            fit_on=list(fit_on) if fit_on else None, fit_limit=fit_limit,
                            check_limit=check_limit, ridge=ridge, fit_positions=fit_positions, fit_text=fit_text,
-                           batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
+                           post_weight=post_weight, batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, device=device)
         if check_on:
             cfg.check_on = [] if check_on == ["none"] else list(check_on)
         cfg.validate()

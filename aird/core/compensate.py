@@ -147,23 +147,54 @@ def _relative_error(target: torch.Tensor, got: torch.Tensor) -> float:
     return float(((target - got).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-12)).pow(2).mean())
 
 
+def post_rows(batches: list[Batch], n_prompts: int, n_post: int) -> torch.Tensor | None:
+    """Which token rows (in the order :func:`_run_block` gathers them) are post-instruction tokens: the last
+    ``n_post`` tokens of each of the first ``n_prompts`` calibration texts (the chat-formatted prompts; the plain
+    text windows follow them). None when ``n_post`` is 0."""
+    if n_post <= 0:
+        return None
+    out = []
+    for b in batches:
+        e = torch.zeros(b.attention_mask.shape, dtype=torch.bool, device=b.attention_mask.device)
+        for r, i in enumerate(b.idx):
+            if i < n_prompts:                    # left padded: every text ends at the last column
+                e[r, -n_post:] = True
+        out.append(e[b.attention_mask.bool()])
+    return torch.cat(out)
+
+
+def _errors(target: torch.Tensor, got: torch.Tensor, post: torch.Tensor | None, when: str) -> dict:
+    """The relative residual error at every token, and at the post-instruction tokens alone when known."""
+    e = {f"error_{when}": _relative_error(target, got)}
+    if post is not None:
+        e[f"error_{when}_post"] = _relative_error(target[post], got[post])
+    return e
+
+
 def _blockwise(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], batch_size: int, method: str,
-               fit_block, advance) -> list[dict]:
+               fit_block, advance, post: tuple[int, int] | None = None, post_weight: float = 1.0) -> list[dict]:
     """Go through the blocks of both models in order, from their own first-block inputs, so that only the current
-    block's rows are ever held: ``fit_block(block_o, block, state_o, state_c, batches)`` edits the compressed
+    block's rows are ever held: ``fit_block(block_o, block, state_o, state_c, batches, rows)`` edits the compressed
     block and returns its record and the original block's pass (with ``out``); the corrected block's output is the
-    next block's input. Adds each block's relative residual error after its correction."""
+    next block's input. ``post = (n_prompts, n_post)`` marks the prompts' post-instruction tokens
+    (:func:`post_rows`); ``rows["post"]`` is that mask and ``rows["emph"]`` the factor √post_weight there, 1
+    elsewhere, that the fits multiply their row weights by (None when post_weight is 1), so that each such token
+    counts post_weight times in the squared error. Adds each block's relative residual error after its correction
+    (unweighted; at the post-instruction tokens too)."""
     if not lm.adapter.projections_write_residual:
         raise AirdError(f"the {lm.adapter.family} family normalizes block outputs before the residual; "
                         f"{method} fits the projections that write it (not supported).")
     batches = batches_of_ids(lm, ids, batch_size)
+    mask = post_rows(batches, *post) if post else None
+    rows = {"post": mask, "emph": None if mask is None or post_weight == 1 else
+            torch.where(mask, post_weight ** 0.5, 1.0).float()}
     records = []
     with torch.no_grad():
         state_o, state_c = _block_inputs(orig, batches), _block_inputs(lm, batches)
         for layer, (block_o, block) in enumerate(zip(orig.adapter.layers(orig.model), lm.adapter.layers(lm.model))):
-            rec, o = fit_block(block_o, block, state_o, state_c, batches)
+            rec, o = fit_block(block_o, block, state_o, state_c, batches, rows)
             c = _run_block(lm, block, state_c, batches, ("out",))
-            records.append({"layer": layer, **rec, "error_after": _relative_error(o["out"], c["out"])})
+            records.append({"layer": layer, **rec, **_errors(o["out"], c["out"], mask, "after")})
             for st, new in ((state_o, o["new"]), (state_c, c["new"])):
                 for s, h in zip(st, new):
                     s[0] = h
@@ -172,28 +203,31 @@ def _blockwise(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], batch_s
 
 
 def compensate(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair, ridge: float, alpha: float,
-               batch_size: int, advance=lambda n=1: None) -> list[dict]:
+               batch_size: int, advance=lambda n=1: None, post: tuple[int, int] | None = None,
+               post_weight: float = 1.0) -> list[dict]:
     """Fit and apply the corrections block by block, editing ``lm`` in place (module docstring): each writer's
     fitted change goes through ``repair.edit(W, None, alpha, fit=ΔW)`` at ``repair.rank``. ``ids``: the
-    calibration texts as token ids. Returns one record per block: the fits of both writers and the relative
-    residual error after the block before and after its correction."""
+    calibration texts as token ids; ``post``, ``post_weight``: the prompts' post-instruction tokens and their
+    weight in the fit (:func:`_blockwise`). Returns one record per block: the fits of both writers and the relative residual
+    error after the block before and after its correction."""
 
-    def fit_block(block_o, block, state_o, state_c, batches):
+    def fit_block(block_o, block, state_o, state_c, batches, rows):
         o = _run_block(orig, block_o, state_o, batches, ("mid", "out"))
         rec: dict = {}
         for which, x_key, key in (("attn", "x_attn", "mid"), ("mlp", "x_mlp", "out")):
             c = _run_block(lm, block, state_c, batches, (x_key, key))
             if which == "mlp":
-                rec["error_before"] = _relative_error(o["out"], c["out"])
+                rec.update(_errors(o["out"], c["out"], rows["post"], "before"))
             target = o[key]
-            delta, fit = fit_writer(c[x_key], target - c[key], 1 / target.norm(dim=-1).clamp_min(1e-6),
+            w = 1 / target.norm(dim=-1).clamp_min(1e-6)
+            delta, fit = fit_writer(c[x_key], target - c[key], w if rows["emph"] is None else w * rows["emph"],
                                     repair.rank, ridge)
             writer = lm.adapter.out_proj(block, which)
             writer.weight.data.copy_(repair.edit(writer.weight.data, None, alpha, fit=delta.to(writer.weight.device)))
             rec[which] = fit
         return rec, o
 
-    return _blockwise(lm, orig, ids, batch_size, "aird-compensate", fit_block, advance)
+    return _blockwise(lm, orig, ids, batch_size, "aird-compensate", fit_block, advance, post, post_weight)
 
 
 # ---- the sparse form: every linear refitted on its own zeros -------------------------------------------------
@@ -256,19 +290,20 @@ def _groups(block, state: list[list]) -> list[list[str]]:
 
 
 def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], repair, ridge: float,
-                      alpha: float, batch_size: int, advance=lambda n=1: None) -> list[dict]:
+                      alpha: float, batch_size: int, advance=lambda n=1: None,
+                      post: tuple[int, int] | None = None, post_weight: float = 1.0) -> list[dict]:
     """The sparse form of :func:`compensate`: at each block, in forward order, every linear's kept weights are
     refitted by least squares (:func:`masked_ridge`, ``repair.iterations`` steps) on the compressed model's own
     inputs there, its zeros kept: the residual writers (o_proj, down_proj) to the original model's residual after
     their half of the block, as :func:`compensate` fits them, every other linear (q/k/v, gate/up) to the original
     linear's output on the original's inputs. The block is run again after each group, so each fit sees the
-    inputs the groups before it produce. Token rows are weighted by the inverse norm of the original residual.
-    Returns one record per block: each linear's weighted error before and after its fit, and the block's
+    inputs the groups before it produce. Token rows are weighted by the inverse norm of the original residual (and
+    ``post_weight`` at the prompts' post-instruction tokens, :func:`_blockwise`). Returns one record per block: each linear's weighted error before and after its fit, and the block's
     relative residual error before and after."""
 
     layouts: dict[tuple[str, ...], list[list[str]]] = {}     # blocks of one layout share their groups
 
-    def fit_block(block_o, block, state_o, state_c, batches):
+    def fit_block(block_o, block, state_o, state_c, batches, rows):
         writers = {lm.adapter.out_proj(block, "attn"): "mid", lm.adapter.out_proj(block, "mlp"): "out"}
         names = tuple(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
         if names not in layouts:
@@ -285,8 +320,9 @@ def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], 
             c = _run_block(lm, block, state_c, batches, (f"in:{group[0]}", *((key,) if key else ()),
                                                          *(("out",) if gi == 0 else ())))
             if gi == 0:
-                rec["error_before"] = _relative_error(o["out"], c["out"])
-            w = 1 / o[resid].norm(dim=-1).clamp_min(1e-6)[:, None]
+                rec.update(_errors(o["out"], c["out"], rows["post"], "before"))
+            w = 1 / o[resid].norm(dim=-1).clamp_min(1e-6)
+            w = (w if rows["emph"] is None else w * rows["emph"])[:, None]
             xw = c[f"in:{group[0]}"] * w
             H = xw.T @ xw
             if key:          # a writer: the weighted residual difference is its error
@@ -312,4 +348,5 @@ def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], 
                                         "kept": float(mask.float().mean())}
         return rec, o
 
-    return _blockwise(lm, orig, ids, batch_size, "aird-compensate-sparse", fit_block, advance)
+    return _blockwise(lm, orig, ids, batch_size, "aird-compensate-sparse", fit_block, advance, post,
+                      post_weight)

@@ -113,6 +113,7 @@ class RepairConfig:
     ridge: float | None = None           # fitting repairs: relative ridge; None = chosen by cross-validation
     fit_positions: str = "post"          # fitting repairs: the tokens fitted: the post-instruction ones, or every prompt token
     fit_text: int = 128                  # aird-compensate: plain-text windows (128 tokens of WikiText-2's end) in its calibration
+    post_weight: float = 1.0             # aird-compensate*: weight of each prompt's post-instruction tokens in the fit (1: as every token)
     batch_size: int = 16
     data_dir: str | None = None
     device: str | None = None
@@ -151,6 +152,14 @@ class RepairConfig:
                 raise AirdError(f"--fit-on applies to the fitting repair methods (aird-ridge*), not {self.method!r}.")
         if self.fit_text < 0:
             raise AirdError(f"--fit-text must be 0 or more windows, not {self.fit_text}.")
+        if not (isinstance(self.post_weight, (int, float)) and math.isfinite(self.post_weight) and self.post_weight > 0):
+            raise AirdError(f"--post-weight must be a positive number, not {self.post_weight!r}.")
+        if self.post_weight != 1:
+            from aird.core.plugins import get
+
+            if not getattr(get("repair", self.method), "compensates", False):
+                raise AirdError(f"--post-weight applies to the compensating repairs (aird-compensate*), not "
+                                f"{self.method!r}.")
         if self.fit_positions not in FIT_POSITIONS:
             raise AirdError(f"--fit-positions must be {' or '.join(FIT_POSITIONS)}, not {self.fit_positions!r}.")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge > 0):

@@ -768,6 +768,7 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
     texts = format_prompts(lm, sets.harmful_train + sets.harmless_train + fit_extra, pcfg.system_prompt)
     ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     plain = plain_text_windows(lm, cfg.fit_text, cfg.data_dir)
+    n_post = len(lm.adapter.post_instruction_positions(lm.tokenizer, pcfg.system_prompt))
     with _original_model(ref, lm.device, lm.info.get("dtype")) as orig:
         if check is not None:
             with sw("check"), rep.stage("the held-out check of the original model (generation)", 1) as advance:
@@ -776,7 +777,8 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
                 advance(1)
         with sw("fit"), rep.stage("fitting every block to the original model", lm.n_layers) as advance:
             fit = compensate_masked if masked else compensate
-            blocks = fit(lm, orig, ids + plain, repair, ridge, alpha, cfg.batch_size, advance)
+            blocks = fit(lm, orig, ids + plain, repair, ridge, alpha, cfg.batch_size, advance,
+                         post=(len(ids), n_post), post_weight=cfg.post_weight)
     check_summary, check_rows = _check_repaired(check, lm, check_scorer, pcfg, cfg, judged, run, sw, rep)
     with sw("save"):
         save_model_folder(lm.model, lm.tokenizer, out, provenance={"repaired_from": lm.path, "reference": str(ref.path),
@@ -796,7 +798,8 @@ def _run_compensation(lm: LoadedModel, repair, cfg: RepairConfig, ref, pcfg, set
         blocks=blocks, adapter_parameters=adapter_params,
         calibration={"prompts": len(ids), "plain_text_windows": len(plain),
                      "plain_text": "WikiText-2 test, its last tokens (the perplexity evaluation reads its first)",
-                     "tokens": sum(map(len, ids + plain))},
+                     "tokens": sum(map(len, ids + plain)), "post_instruction_tokens": n_post * len(ids),
+                     "post_weight": cfg.post_weight},
         tuned_on={"sets": seen, "tune_sets": [], "fit_sets": list(cfg.fit_on or []), "n_fit_extra": len(fit_extra),
                   "origins": sorted(tuned_origins)},
         check=({"sets": check_summary, "scorer": check_scorer.name, "max_new_tokens": cfg.max_new_tokens,

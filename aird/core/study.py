@@ -124,7 +124,7 @@ PROFILES: dict[str, dict] = {
 REPAIR_WHEN = ("moved", "all", "never")
 # the [repair] keys passed on to RepairConfig as they are
 REPAIR_KEYS = ("guard", "guard_from", "guard_on", "judge", "candidates", "max_new_tokens", "tune_on", "tune_limit", "fit_on", "fit_limit", "check_on", "check_limit",
-               "ridge", "fit_positions", "fit_text")
+               "ridge", "fit_positions", "fit_text", "post_weight")
 
 
 def _merge(base: dict, over: dict) -> dict:
