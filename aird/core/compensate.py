@@ -75,8 +75,8 @@ class _Stop(Exception):
 
 def _run_block(lm: LoadedModel, block, state: list[list], batches: list[Batch], keep: tuple[str, ...]) -> dict:
     """Run ``block`` on every batch's cached input. Returns, for each name in ``keep``, its rows at every real
-    token (float32, on the model's device): ``x_attn`` / ``x_mlp`` the writers' inputs, ``in:NAME`` the input of the block's
-    linear NAME (e.g. ``in:self_attn.q_proj``), ``mid`` the residual after the attention half, ``out`` the
+    token (float32, on the model's device): ``x_attn`` / ``x_mlp`` the writers' inputs, ``in:NAME`` the input of
+    the block's linear NAME (e.g. ``in:self_attn.q_proj``), ``mid`` the residual after the attention half, ``out`` the
     residual after the block; with ``out``, also the block's outputs per batch (``new``). Without it, each pass
     stops as soon as it has read what was asked (an attention-half read skips the MLP)."""
     cur: dict = {}
@@ -298,8 +298,9 @@ def compensate_masked(lm: LoadedModel, orig: LoadedModel, ids: list[list[int]], 
     their half of the block, as :func:`compensate` fits them, every other linear (q/k/v, gate/up) to the original
     linear's output on the original's inputs. The block is run again after each group, so each fit sees the
     inputs the groups before it produce. Token rows are weighted by the inverse norm of the original residual (and
-    ``post_weight`` at the prompts' post-instruction tokens, :func:`_blockwise`). Returns one record per block: each linear's weighted error before and after its fit, and the block's
-    relative residual error before and after."""
+    ``post_weight`` at the prompts' post-instruction tokens, :func:`_blockwise`). Returns one record per block:
+    each linear's weighted error before and after its fit, and the block's relative residual error before and
+    after."""
 
     layouts: dict[tuple[str, ...], list[list[str]]] = {}     # blocks of one layout share their groups
 

@@ -462,6 +462,11 @@ def moved(diff: dict, threshold: float) -> bool:
     return bool(diff["source"]["moved"]) or diff["cosine_chosen"] < threshold
 
 
+def repairs_due(diff: dict, rc: dict) -> bool:
+    """Whether the study repairs a compressed model with this diff, under its [repair] settings ``rc``."""
+    return rc["when"] == "all" or (rc["when"] == "moved" and moved(diff, rc["moved_below_cosine"]))
+
+
 def n_steps(cfg: dict) -> int:
     """Steps of a study when every compressed model gets repaired (the progress bar's upper bound)."""
     g = len(cfg["grid"])
@@ -519,7 +524,7 @@ def report_study(out: Path) -> StudyResult:
             pending.append(g["name"])     # (its repairs follow if its direction moves: not known yet)
             continue
         compressed.append(e)
-        if not (rc["when"] == "all" or (rc["when"] == "moved" and moved(e.diff, rc["moved_below_cosine"]))):
+        if not repairs_due(e.diff, rc):
             continue
         for method in methods:
             try:
@@ -604,7 +609,7 @@ def _run_study(cfg: dict, out: Path, force: bool = False, reporter: Reporter | N
             st.probe(e)
             st.diff(e, original)
             st.evaluate(e)
-            todo = rc["when"] == "all" or (rc["when"] == "moved" and moved(e.diff, rc["moved_below_cosine"]))
+            todo = repairs_due(e.diff, rc)
             mine = []
             for method in g.get("repairs", rc["methods"]):
                 if not todo:
