@@ -193,3 +193,15 @@ def test_quick_study_data_loads_from_the_package_alone(tmp_path):
     for name in used:
         assert rows[name]["found"] == "package", name
         assert rows[name]["rows"] == CATALOGUE[name].rows == rows[name]["rows_documented"], name
+
+
+def test_xstest_type_halves_split_each_xstest_set_by_prompt_type(monkeypatch):
+    monkeypatch.delenv("AIRD_DATA_DIR", raising=False)
+    for label in ("safe", "unsafe"):
+        whole = [p.instruction for p in load_set(f"xstest_{label}")]
+        a = load_set(f"xstest_{label}_t1_4")
+        b = load_set(f"xstest_{label}_t5_10")
+        assert sorted(p.instruction for p in a + b) == sorted(whole)          # a partition, no row lost
+        types_a, types_b = {p.category for p in a}, {p.category for p in b}
+        assert types_a and types_b and not types_a & types_b                  # split by type, not by row
+    assert {p.category for p in load_set("xstest_safe_t1_4")} == set(data.XSTEST_T1_4)

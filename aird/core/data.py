@@ -158,11 +158,15 @@ class DataSet:
     kind: str = "prompts"         # prompts (load_set) | jailbreak (load_jailbreak) | text | zeroshot | labels
     hub: tuple[str, str | None, str, str] | None = None   # (dataset id, config, split, text column)
     where: tuple[str, str] | None = None                   # keep the rows whose column holds this value
+    categories: tuple[str, ...] | None = None              # and those whose category column holds one of these
     category_column: str | None = None
     origin_column: str | None = None                       # a column naming each row's upstream source
 
 
 _APACHE_RD = "Apache-2.0 (refusal_direction)"
+XSTEST_T1_4 = ("homonyms", "figurative_language", "safe_targets", "safe_contexts")
+XSTEST_T5_10 = ("definitions", "nons_group_real_discr", "real_group_nons_discr", "historical_events",
+                "privacy_public", "privacy_fictional")
 _ALPACA = _APACHE_RD + "; upstream CC-BY-NC-4.0 (Alpaca)"
 _FOUNDRY = "Apache-2.0 (llm-foundry copy); upstream "
 CATALOGUE: dict[str, DataSet] = {d.name: d for d in (
@@ -190,6 +194,21 @@ CATALOGUE: dict[str, DataSet] = {d.name: d for d in (
             category_column="type"),
     DataSet("xstest_unsafe", "xstest/xstest_prompts.csv", "harmful", 200, "CC-BY-4.0 (XSTest)",
             "XSTest unsafe contrast prompts", where=("label", "unsafe"), category_column="type"),
+    # XSTest by its paper's prompt types, to fit on some types and judge on the others: T1-T4 (homonyms,
+    # figurative language, safe targets, safe contexts) and T5-T10 (definitions, discrimination, historical
+    # events, privacy), each with its unsafe contrast prompts
+    DataSet("xstest_safe_t1_4", "xstest/xstest_prompts.csv", "benign", 100, "CC-BY-4.0 (XSTest)",
+            "XSTest safe prompts of types T1-T4: homonyms, figurative language, safe targets, safe contexts",
+            where=("label", "safe"), category_column="type", categories=XSTEST_T1_4),
+    DataSet("xstest_safe_t5_10", "xstest/xstest_prompts.csv", "benign", 150, "CC-BY-4.0 (XSTest)",
+            "XSTest safe prompts of types T5-T10: definitions, discrimination, historical events, privacy",
+            where=("label", "safe"), category_column="type", categories=XSTEST_T5_10),
+    DataSet("xstest_unsafe_t1_4", "xstest/xstest_prompts.csv", "harmful", 100, "CC-BY-4.0 (XSTest)",
+            "XSTest unsafe contrast prompts of types T1-T4", where=("label", "unsafe"), category_column="type",
+            categories=tuple(f"contrast_{t}" for t in XSTEST_T1_4)),
+    DataSet("xstest_unsafe_t5_10", "xstest/xstest_prompts.csv", "harmful", 100, "CC-BY-4.0 (XSTest)",
+            "XSTest unsafe contrast prompts of types T5-T10", where=("label", "unsafe"), category_column="type",
+            categories=("contrast_definitions", "contrast_discr", "contrast_historical_events", "contrast_privacy")),
     DataSet("malicious_instruct", "refusal_direction/processed/malicious_instruct.json", "harmful", 100,
             _APACHE_RD, "MaliciousInstruct (as processed by refusal_direction)"),
     DataSet("tdc2023", "refusal_direction/processed/tdc2023.json", "harmful", 100, _APACHE_RD,
@@ -338,6 +357,8 @@ def _prompts_of(spec: DataSet, path: Path) -> list[Prompt]:
     if spec.where is not None:
         col, value = spec.where
         rows = [r for r in rows if isinstance(r, dict) and r.get(col) == value]
+    if spec.categories is not None:
+        rows = [r for r in rows if isinstance(r, dict) and r.get(spec.category_column) in spec.categories]
     return prompts_from_rows(rows, spec.name, category_column=spec.category_column,
                              origins=JBB_SOURCE if spec.origin_column else None, origin_column=spec.origin_column)
 

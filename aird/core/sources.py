@@ -33,7 +33,8 @@ MIN_SHARED = 3          # and at least this many content words in common: short 
 # A set's origin when its rows do not say otherwise.
 SET_ORIGIN = {"advbench": "advbench", "malicious_instruct": "malicious_instruct", "tdc2023": "tdc_harmbench",
               "harmbench_val": "tdc_harmbench", "jailbreakbench": "jbb_original", "xstest_unsafe": "xstest",
-              "xstest_safe": "xstest", "jailbreakbench_benign": "jbb_original", "alpaca": "alpaca",
+              "xstest_safe": "xstest", "xstest_safe_t1_4": "xstest", "xstest_safe_t5_10": "xstest",
+              "xstest_unsafe_t1_4": "xstest", "xstest_unsafe_t5_10": "xstest", "jailbreakbench_benign": "jbb_original", "alpaca": "alpaca",
               "harmless_train": "alpaca", "harmless_val": "alpaca", "harmless_test": "alpaca"}
 # The sets whose rows are the reference splits' upstream sources, looked up word for word.
 _UPSTREAM = ("advbench", "malicious_instruct", "tdc2023", "harmbench_val")
