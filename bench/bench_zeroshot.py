@@ -2,8 +2,10 @@
 the same loaded model and the same questions.
 
     python bench/bench_zeroshot.py [--model default] [--limit 20] [--tasks arc_easy hellaswag piqa boolq] [--record FILE]
+    python bench/bench_zeroshot.py --scorers shared --dtypes float32 bfloat16     # aird's scorer in two dtypes
 
-Prints one row per scorer: seconds, seconds per question, and whether every question's correctness is the same.
+Prints one row per scorer and dtype: seconds, seconds per question, the speed-up over the first row, whether every
+question's correctness is the same as the first row's (and how many differ), and the mean accuracy.
 """
 
 from __future__ import annotations
@@ -27,27 +29,35 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--tasks", nargs="+", default=["arc_easy", "hellaswag", "piqa", "boolq"])
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--scorers", nargs="+", default=["hflm", "shared"], choices=["hflm", "shared"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], help="dtypes to load the model in, in turn")
     ap.add_argument("--record", type=Path)
     args = ap.parse_args()
     from aird.core.loading import load_model
     from aird.core.zeroshot import run_zero_shot
 
     set_threads()
-    lm = load_model(args.model)
     res, secs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, share in (("HFLM", False), ("shared contexts", True)):
-            t = time.perf_counter()
-            res[label] = run_zero_shot(lm, args.tasks, Path(tmp) / label.replace(" ", "_"), None, args.limit,
-                                       args.batch_size, share_prefix=share)
-            secs[label] = time.perf_counter() - t
-    n = sum(r["n"] for r in res["HFLM"].values())
-    same = all(res["HFLM"][t]["items"] == res["shared contexts"][t]["items"] for t in args.tasks)
-    cmd = (f"`python bench/bench_zeroshot.py --model {args.model} --limit {args.limit} --tasks {' '.join(args.tasks)}`")
-    for label in res:
+        for dtype in args.dtypes:
+            lm = load_model(args.model, dtype=dtype)
+            for scorer in args.scorers:
+                label = f"{'lm-eval HFLM' if scorer == 'hflm' else 'shared contexts'}, {dtype}"
+                t = time.perf_counter()
+                res[label] = run_zero_shot(lm, args.tasks, Path(tmp) / f"{scorer}-{dtype}", None, args.limit,
+                                           args.batch_size, share_prefix=scorer == "shared")
+                secs[label] = time.perf_counter() - t
+            del lm
+    first = next(iter(res))
+    n = sum(r["n"] for r in res[first].values())
+    cmd = (f"`python bench/bench_zeroshot.py --model {args.model} --limit {args.limit} --tasks {' '.join(args.tasks)} "
+           f"--scorers {' '.join(args.scorers)} --dtypes {' '.join(args.dtypes)}`")
+    for label, r in res.items():
+        differ = sum(a != b for t in args.tasks for a, b in zip(res[first][t]["items"]["acc"], r[t]["items"]["acc"]))
+        acc = sum(r[t]["items"]["acc"].count("1") for t in args.tasks) / n
         record_row(f"| {dt.date.today()} | {cmd} | {label} | {n} | {secs[label]:.1f} | {secs[label] / n:.2f} | "
-                   f"{secs['HFLM'] / secs[label]:.2f}× | {same} | {machine()} |", args.record)
-
+                   f"{secs[first] / secs[label]:.2f}× | {differ == 0} ({differ} differ) | {acc:.3f} | {machine()} |",
+                   args.record)
 
 if __name__ == "__main__":
     main()
