@@ -53,6 +53,12 @@ def test_aird_zero_shot_equals_lm_eval_direct_and_hand_computation(refusing, tmp
                            model_for_lm_eval=model_dir)
     assert ours == direct
     assert ours["arc_easy"]["n"] == 12
+    # an lm-eval model object scores in place of the loaded model (how the bench runs lm-eval's vLLM backend)
+    from lm_eval.models.huggingface import HFLM
+
+    given = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4, device="cpu")
+    assert run_zero_shot(lm, ["arc_easy", "winogrande"], tmp_path / "t3", str(data), limit=None,
+                         model_for_lm_eval=given) == ours
 
     # by hand: the choice with the highest summed log-likelihood after "query\nAnswer:" + " " + choice
     tok = lm.tokenizer

@@ -221,7 +221,8 @@ def run_zero_shot(lm: LoadedModel, tasks: list[str], folder: Path, data_dir: str
     """Accuracy per task: {task: {"acc": .., "acc_norm": .., "n": .., "items": ..}}, ``items`` each question's
     correctness in question order as a string of 0/1 per metric ({"acc": "0110…", "acc_norm": "…"}), so two
     models' answers to the same questions can be compared pairwise. ``model_for_lm_eval`` replaces the
-    loaded model with what lm-eval should load itself (a path), for checking aird against lm-eval direct."""
+    loaded model with what lm-eval should load itself (a path), for checking aird against lm-eval direct, or
+    with an lm-eval model object to score with (bench/bench_zeroshot.py's lm-eval vLLM backend)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
@@ -235,8 +236,10 @@ def run_zero_shot(lm: LoadedModel, tasks: list[str], folder: Path, data_dir: str
         model = prefix_sharing_lm(lm.model, lm.tokenizer, batch_size, str(lm.device))
     elif model_for_lm_eval is None:     # lm-eval's own HFLM on the loaded model (bench/bench_zeroshot.py)
         model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size, device=str(lm.device))
-    else:
+    elif isinstance(model_for_lm_eval, (str, Path)):
         model = HFLM(pretrained=str(model_for_lm_eval), tokenizer=lm.tokenizer, batch_size=batch_size, device="cpu")
+    else:
+        model = model_for_lm_eval
     res = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=0, limit=limit,
                                   task_manager=TaskManager(include_path=str(folder)), log_samples=True,
                                   bootstrap_iters=0)
