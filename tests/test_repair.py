@@ -673,7 +673,7 @@ def test_fit_on_adds_named_prompts_to_the_fit(study, tmp_path, monkeypatch):
     assert len(extra) == len(plain) + 6 and extra[: len(plain)] == plain
     assert s["tuned_on"]["fit_sets"] == ["xstest_safe"] and s["tuned_on"]["n_fit_extra"] == 6
     assert "xstest_safe" in s["tuned_on"]["sets"] and "xstest" in s["tuned_on"]["origins"]
-    with pytest.raises(AirdError, match="--fit-on applies to the fitting repair methods"):
+    with pytest.raises(AirdError, match="--fit-on applies to the fitting and compensating repair methods"):
         run_repair(lm, root / "probe-orig", RepairConfig(**{**base, "method": "aird"}, fit_on=["xstest_safe"]),
                    tmp_path / "amp")
 
@@ -766,6 +766,26 @@ def test_masked_ridge_solves_each_row_on_its_own_kept_weights():
     full = masked_ridge(H, C, torch.ones(6, 10, dtype=torch.bool), ridge=1e-3, iterations=40)
     plain = torch.linalg.solve(H + lam * torch.eye(10, dtype=torch.float64), C.T).T
     assert torch.allclose(full.double(), plain, atol=1e-4, rtol=1e-3)
+
+
+def test_fit_on_prompts_join_a_compensations_calibration_and_count_as_seen(study, tmp_path, monkeypatch):
+    """--fit-on works for the compensating methods as for the fitting ones: its prompts join the calibration
+    prompts (the chat-formatted texts every block is fitted on) and the repair record names them as seen."""
+    from aird.plugins.repairs import Compensate
+
+    monkeypatch.setattr(Compensate, "rank", 8)
+    root, data = study
+    base = dict(method="aird-compensate", judge="score", check_on=[], data_dir=str(data), fit_text=0)
+    lm = load_model(str(root / "pruned"), device="cpu")
+    plain = run_repair(lm, root / "probe-orig", RepairConfig(**base), tmp_path / "plain")
+    lm = load_model(str(root / "pruned"), device="cpu")
+    fit = run_repair(lm, root / "probe-orig", RepairConfig(**base, fit_on=["xstest_safe"], fit_limit=5),
+                     tmp_path / "fit")
+    assert fit["calibration"]["prompts"] == plain["calibration"]["prompts"] + 5
+    assert fit["calibration"]["tokens"] > plain["calibration"]["tokens"]
+    assert fit["tuned_on"]["fit_sets"] == ["xstest_safe"] and fit["tuned_on"]["n_fit_extra"] == 5
+    assert "xstest_safe" in fit["tuned_on"]["sets"] and "xstest" in fit["tuned_on"]["origins"]
+    assert fit["blocks"] != plain["blocks"]          # the extra prompts changed the fit
 
 
 def test_sparse_compensation_keeps_every_zero_and_brings_every_block_closer(study, tmp_path):

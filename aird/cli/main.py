@@ -453,9 +453,9 @@ def repair_cmd(
     tune_on: Optional[list[str]] = typer.Option(None, "--tune-on", help="Sets α is searched on (harmful and benign; "
                                                 "see `aird data`) [default: the probe's validation splits]."),
     tune_limit: int = typer.Option(RepairConfig.tune_limit, help="Prompts per --tune-on set (stratified, seeded)."),
-    fit_on: Optional[list[str]] = typer.Option(None, "--fit-on", help="Fitting methods: sets whose prompts join the "
-                                               "probe's training prompts in the fit (they count as seen) [default: "
-                                               "none]."),
+    fit_on: Optional[list[str]] = typer.Option(None, "--fit-on", help="Fitting and compensating methods: sets whose "
+                                               "prompts join the probe's training prompts in the fit (they count as "
+                                               "seen) [default: none]."),
     fit_limit: int = typer.Option(RepairConfig.fit_limit, help="Prompts per --fit-on set (stratified, seeded)."),
     check_on: Optional[list[str]] = typer.Option(None, "--check-on", help="Sets the repair is checked on after it "
                                                  "is chosen, with every prompt the probe or the tuning saw left out; "

@@ -148,8 +148,10 @@ class RepairConfig:
         if self.fit_on:
             from aird.core.plugins import get
 
-            if not getattr(get("repair", self.method), "fits", False):
-                raise AirdError(f"--fit-on applies to the fitting repair methods (aird-ridge*), not {self.method!r}.")
+            plugin = get("repair", self.method)
+            if not (getattr(plugin, "fits", False) or getattr(plugin, "compensates", False)):
+                raise AirdError("--fit-on applies to the fitting and compensating repair methods (aird-ridge*, "
+                                f"aird-compensate*), not {self.method!r}.")
         if self.fit_text < 0:
             raise AirdError(f"--fit-text must be 0 or more windows, not {self.fit_text}.")
         if not (isinstance(self.post_weight, (int, float)) and math.isfinite(self.post_weight) and self.post_weight > 0):
