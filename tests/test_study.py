@@ -228,6 +228,40 @@ def test_rerun_reuses_every_step_without_loading_a_model(finished, monkeypatch):
     assert [e.name for e in again.entries] == [e.name for e in res.entries]
 
 
+def test_a_study_resumed_without_a_models_weights_makes_them_again_and_checks_them(finished, tmp_path):
+    """A study moved to another machine between steps has its records but not its weights (they are not copied,
+    or --drop-models removed them): when a step still to run needs a model whose weights are missing (here the
+    repair of mag-50), the study compresses again, checks the new weights against the digests kept when they
+    were first made (identical on this machine), records that in remade.jsonl and finishes the steps."""
+    import shutil
+
+    from aird.core.cards import MADE_WEIGHTS
+
+    res, cfg, _, data = finished
+    out = tmp_path / "moved"
+    shutil.copytree(res.out, out)
+    model = out / "mag-50" / "model"
+    made = json.loads((model / MADE_WEIGHTS).read_text())
+    assert made and set(made) == {f.name for f in model.glob("*.safetensors")}
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+    shutil.rmtree(out / "mag-50-aird-ridge-sparse")
+    lines = (out / "steps.jsonl").read_text().splitlines()
+    kept = [ln for ln in lines if "mag-50-aird-ridge-sparse" not in json.loads(ln)["step"]]
+    assert len(lines) - len(kept) == 4
+    (out / "steps.jsonl").write_text("".join(ln + "\n" for ln in kept))
+
+    again = run_study(cfg, out, device="cpu", data_dir=str(data))
+    remade = [json.loads(ln) for ln in (out / study_mod.REMADE_JSONL).read_text().splitlines()]
+    assert [r["model"] for r in remade] == [str(model)] and remade[0]["identical"] is True
+    assert remade[0]["sha256"] == made
+    assert {f.name for f in model.glob("*.safetensors")} == set(made)      # the weights are back
+    redone = [s["step"] for s in again.steps if not s["resumed"] and s["step"].endswith("mag-50-aird-ridge-sparse")]
+    assert len(redone) == 4                                                 # repair, probe, diff, eval ran
+    card = json.loads((out / "mag-50-aird-ridge-sparse" / "card.json").read_text())
+    assert card["parent_weights_sha256"] == made
+
+
 def test_report_only_reports_the_finished_models_of_a_study_still_running(finished, tmp_path, monkeypatch):
     """--report-only on a study cut short (steps.jsonl lacks rtn-8's evaluation and mag-50's repair's): the report
     holds the models whose steps are all done, names the others as still to come, and nothing is run, loaded or
@@ -549,7 +583,7 @@ def test_a_refusal_preserving_grid_entry_protects_the_studys_own_original_direct
 
     seen = {}
 
-    def fake(lm, cc, out, reporter=None):
+    def fake(lm, cc, out, force=False, reporter=None):
         seen.update(cc.params)
         return compress_mod.CompressResult(out, {"method": cc.method, "kind": "pruning"})
 

@@ -23,11 +23,49 @@ CARD_SCHEMA = 1
 
 
 DROPPED_WEIGHTS = "dropped-weights.sha256.json"   # in a model folder whose weights a study removed
+MADE_WEIGHTS = "weights.sha256.json"              # in a study model folder: its weights' digests when made
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def _weights_files(folder: Path) -> list[Path]:
     return [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    out = {}
+    for f in _weights_files(folder):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def record_weights(folder: str | Path) -> dict[str, str]:
+    """Hash a model folder's weights files and keep the digests beside them (``MADE_WEIGHTS``): what a remade
+    copy of the folder is checked against once the weights are gone (a study resumed on another machine)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    digests = _digests(folder)
+    atomic_write_text(folder / MADE_WEIGHTS, json.dumps(digests, indent=1) + "\n")
+    return digests
+
+
+def recorded_weights(folder: str | Path) -> dict[str, str] | None:
+    """The digests a study kept for a model folder (when made, or when its weights were dropped), else None."""
+    for name in (MADE_WEIGHTS, DROPPED_WEIGHTS):
+        f = Path(folder) / name
+        if f.is_file():
+            return json.loads(f.read_text())
+    return None
+
+
+def weights_missing(folder: str | Path) -> bool:
+    """A model folder (config.json) without any weights file: dropped by a study, or never copied to this machine."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not _weights_files(folder)
 
 
 def drop_weights(folder: str | Path) -> dict[str, str]:
@@ -53,14 +91,9 @@ def weights_sha256(folder: str | Path | None) -> dict[str, str]:
     kept = folder / DROPPED_WEIGHTS
     if kept.is_file():      # the study dropped the weights (keep_models = false) and kept their digests
         return json.loads(kept.read_text())
-    out = {}
-    for f in _weights_files(folder):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        out[f.name] = h.hexdigest()
-    return out
+    if not _weights_files(folder) and (folder / MADE_WEIGHTS).is_file():   # not on this machine: as made
+        return json.loads((folder / MADE_WEIGHTS).read_text())
+    return _digests(folder)
 
 
 def paired_rates(before: Entry, after: Entry) -> dict[str, dict]:

@@ -31,7 +31,8 @@ from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
 from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
-from aird.core.cards import DROPPED_WEIGHTS, drop_weights, write_cards
+from aird.core.cards import (DROPPED_WEIGHTS, drop_weights, record_weights, recorded_weights, weights_missing,
+                             write_cards)
 from aird.core.report import findings, study_judge, write_report
 from aird.core.sources import SEEN_BY_PROBE
 from aird.core.study_results import Entry, StudyResult
@@ -39,6 +40,7 @@ from aird.core.zeroshot import ZERO_SHOT_TASKS
 
 STUDY_JSON = "study.json"
 STEPS_JSONL = "steps.jsonl"
+REMADE_JSONL = "remade.jsonl"   # models whose weights a resumed study had to make again (see _Study.lm)
 DATA_JSONL = "data.jsonl"
 
 _PRUNE = [
@@ -321,6 +323,7 @@ class _Study:
                                             if (out / STEPS_JSONL).exists() else [])}
         self._lm = None
         self._lm_path: str | None = None
+        self._makers: dict[str, Callable[[], None]] = {}   # model folder -> how to write it again
 
     # one model in memory at a time; a step that is already finished does not load it
     def lm(self, path: str):
@@ -330,9 +333,31 @@ class _Study:
             raise _NotFinished(path)
         if self._lm is None or self._lm_path != path:
             self._lm = None
+            if path in self._makers and weights_missing(path):
+                self._remake(path)
             self._lm = load_model(path, device=self.device, trust_remote_code=self.trust_remote_code)
             self._lm_path = path
         return self._lm
+
+    def _remake(self, path: str) -> None:
+        """Write a study model's folder again when a step still needs it and its weights are not here: dropped,
+        or left out of a copy of the study (a study resumed on another machine gets the records, not the
+        weights). The compression or repair runs again with the same configuration and seed; the new weights'
+        digests are compared with the ones kept when the model was first made, and ``remade.jsonl`` says whether
+        they are identical (bit for bit on the same machine; another CPU may round differently, which the
+        record shows rather than hides)."""
+        expected = recorded_weights(path)
+        self.rep.note(f"study: the weights of {path} are not here; making them again")
+        t = time.perf_counter()
+        self._makers[path]()
+        got = record_weights(path)
+        rec = {"record": "study.remade", "model": path, "seconds": round(time.perf_counter() - t, 3),
+               "identical": None if expected is None else got == expected, "expected_sha256": expected,
+               "sha256": got, "finished": time.time()}
+        append_jsonl(self.out / REMADE_JSONL, [rec])
+        if rec["identical"] is False:
+            self.rep.note(f"study: the remade weights of {path} differ from the first ones (remade.jsonl); the "
+                          "steps still to run use the remade ones")
 
     def forget(self) -> None:
         import gc
@@ -411,10 +436,7 @@ class _Study:
         folder = self.out / g["name"]
         model_dir = folder / "model"
 
-        def go() -> dict:
-            done = _summary(model_dir / COMPRESS_JSONL, "compress.summary")
-            if done is not None and (model_dir / "config.json").is_file():
-                return {**done, "resumed": True}
+        def make(force: bool = False) -> dict:
             self.forget()   # the compressor edits the loaded model in place: load a fresh copy
             lm = self.lm(original.model_path)
             params = dict(g.get("params", {}))
@@ -423,10 +445,19 @@ class _Study:
                 params["reference"] = str(original.folder / "probe")
             cc = CompressConfig(method=g["method"], params=params, seed=self.cfg["seed"],
                                 data_dir=self.data_dir, device=self.device, **self.cfg["calibration"])
-            res = run_compress(lm, cc, model_dir, reporter=self.rep)
+            res = run_compress(lm, cc, model_dir, force=force, reporter=self.rep)
             self.forget()
             return res.summary
 
+        def go() -> dict:
+            done = _summary(model_dir / COMPRESS_JSONL, "compress.summary")
+            if done is not None and (model_dir / "config.json").is_file():
+                return {**done, "resumed": True}
+            s = make()
+            record_weights(model_dir)
+            return s
+
+        self._makers[str(model_dir)] = lambda: make(force=True)
         s = self.step(f"compress {g['name']}", go)
         return Entry(g["name"], "compressed", folder, str(model_dir), method=s["method"], kind=s.get("kind"),
                      compress=s)
@@ -439,18 +470,25 @@ class _Study:
         model_dir = folder / "model"
         rc = self.cfg["repair"]
 
-        def go() -> dict:
-            done = _summary(model_dir / REPAIR_JSONL, "repair.summary")
-            if done is not None and (model_dir / "config.json").is_file():
-                return {**done, "resumed": True}
+        def make(force: bool = False) -> dict:
             self.forget()   # the edit is applied to the loaded model
             cfg = RepairConfig(method=method, layer=rc.get("layer"), matrix=rc["matrix"], alpha=rc["alpha"],
                                compressed_probe=str(parent.folder / "probe"), data_dir=self.data_dir,
                                device=self.device, **{k: rc[k] for k in REPAIR_KEYS if k in rc})
-            s = run_repair(self.lm(parent.model_path), original.folder / "probe", cfg, model_dir, reporter=self.rep)
+            s = run_repair(self.lm(parent.model_path), original.folder / "probe", cfg, model_dir, force=force,
+                           reporter=self.rep)
             self.forget()
             return s
 
+        def go() -> dict:
+            done = _summary(model_dir / REPAIR_JSONL, "repair.summary")
+            if done is not None and (model_dir / "config.json").is_file():
+                return {**done, "resumed": True}
+            s = make()
+            record_weights(model_dir)
+            return s
+
+        self._makers[str(model_dir)] = lambda: make(force=True)
         s = self.step(f"repair {name}", go)
         return Entry(name, "repaired", folder, str(model_dir), parent=parent.name, method=method, kind="repair",
                      repair=s)
