@@ -167,6 +167,10 @@ def test_paired_changes_count_each_prompt_once():
                       "neither_refused": 0, "metric": "asr", "baseline": 0.4, "model": 0.2, "mcnemar_p": 1.0}
     assert p["b"]["n"] == 3 and p["b"]["newly_refused"] == 1 and p["b"]["metric"] == "over_refusal"
     assert p["b"]["baseline"] == pytest.approx(1 / 3) and p["b"]["model"] == pytest.approx(2 / 3)
+    # an evaluation that left out a prompt (seen by a repair) numbers the rest differently: they still pair by text
+    shifted = [{**r, "index": r["index"] - 1} for r in other[:5] if r["index"] > 0]
+    q = paired_changes(base, shifted)["h"]
+    assert q["n"] == 4 and q["newly_refused"] == 2 and q["no_longer_refused"] == 1 and q["both_refused"] == 1
 
 
 def test_eval_of_several_models_pairs_each_with_the_first(refusing, tmp_path, register_plugin):

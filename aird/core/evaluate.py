@@ -154,16 +154,26 @@ _PAIR_KEY = {(True, True): "both_refused", (False, True): "newly_refused", (True
              (False, False): "neither_refused"}   # (baseline refused, other refused)
 
 
+def by_prompt(records: list[dict]) -> dict[tuple, dict]:
+    """eval.prompt records keyed by (set, prompt text, occurrence): the same prompt pairs across two evaluations
+    even when one of them left out other prompts of the set (its indices shift: a repair's --fit-on or --tune-on
+    sets count as seen); a prompt a set holds more than once pairs in the order of the set."""
+    out, count = {}, {}
+    for r in sorted((r for r in records if r["record"] == "eval.prompt"), key=lambda r: (r["set"], r["index"])):
+        k = (r["set"], r["prompt"])
+        out[(*k, count.get(k, 0))] = r
+        count[k] = count.get(k, 0) + 1
+    return out
+
+
 def paired_changes(baseline: list[dict], other: list[dict]) -> dict[str, dict]:
     """Per set, how ``other``'s judgements of the same prompts differ from ``baseline``'s (eval.prompt records
-    paired on set, index and prompt text): refused by both, newly refused, no longer refused, and the exact
-    McNemar p-value of the change. Rates are the set's ASR (harmful) or over-refusal (benign)."""
-    base = {(r["set"], r["index"], r["prompt"]): r for r in baseline if r["record"] == "eval.prompt"}
+    paired on set and prompt text, :func:`by_prompt`): refused by both, newly refused, no longer refused, and the
+    exact McNemar p-value of the change. Rates are the set's ASR (harmful) or over-refusal (benign)."""
+    base = by_prompt(baseline)
     sets: dict[str, dict] = {}
-    for r in other:
-        if r["record"] != "eval.prompt":
-            continue
-        b = base.get((r["set"], r["index"], r["prompt"]))
+    for key, r in by_prompt(other).items():
+        b = base.get(key)
         if b is None:
             continue
         d = sets.setdefault(r["set"], {"role": r["role"], "n": 0, "both_refused": 0, "newly_refused": 0,

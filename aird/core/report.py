@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aird.core import stats
 from aird.core.artifacts import atomic_write_text, read_jsonl
-from aird.core.evaluate import EVAL_JSONL, mcnemar_exact
+from aird.core.evaluate import EVAL_JSONL, by_prompt, mcnemar_exact
 from aird.core.numbers import fmt as _f
 from aird.core.study_results import Entry
 
@@ -40,8 +40,7 @@ def _prompt_records(e: Entry) -> dict | None:
     path = e.eval_dir / EVAL_JSONL if e.folder else None
     if path is None or not path.is_file():
         return None
-    return {(r["set"], r["index"], r["prompt"]): r for r in read_jsonl(path, torn_tail_ok=True)
-            if r["record"] == "eval.prompt"}
+    return by_prompt(read_jsonl(path, torn_tail_ok=True))
 
 
 def paired_rate(before: dict, after: dict, keys: list) -> dict:
