@@ -31,8 +31,7 @@ from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
 from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
-from aird.core.cards import (DROPPED_WEIGHTS, drop_weights, record_weights, recorded_weights, weights_missing,
-                             write_cards)
+from aird.core.cards import drop_weights, record_weights, recorded_weights, weights_missing, write_cards
 from aird.core.report import findings, study_judge, write_report
 from aird.core.sources import SEEN_BY_PROBE
 from aird.core.study_results import Entry, StudyResult
@@ -291,10 +290,10 @@ def resolve_config(profile: str = "quick", config_file: Path | None = None, over
 
 
 def _has_weights(model_path: str) -> bool:
-    """Whether a study model can still be loaded: a model folder whose weights ``--drop-models`` removed cannot
-    (the original, named by a spec or a path, always can)."""
+    """Whether a study model's weights are here: not for a model folder whose weights ``--drop-models`` removed
+    or that was copied without them (the original, named by a spec or a path, always is)."""
     p = Path(model_path)
-    return not p.is_dir() or not (p / DROPPED_WEIGHTS).is_file()
+    return not p.is_dir() or not weights_missing(p)
 
 
 def _summary(path: Path, record: str) -> dict | None:
