@@ -261,6 +261,22 @@ def test_a_study_resumed_without_a_models_weights_makes_them_again_and_checks_th
     card = json.loads((out / "mag-50-aird-ridge-sparse" / "card.json").read_text())
     assert card["parent_weights_sha256"] == made
 
+    # remade weights that differ from the first (another CPU) make the block's finished steps run again on them
+    other = tmp_path / "other-cpu"
+    shutil.copytree(res.out, other)
+    model = other / "mag-50" / "model"
+    (model / MADE_WEIGHTS).write_text(json.dumps({n: "0" * 64 for n in made}))
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+    again = run_study(cfg, other, device="cpu", data_dir=str(data))
+    remade = [json.loads(ln) for ln in (other / study_mod.REMADE_JSONL).read_text().splitlines()]
+    assert [r["identical"] for r in remade] == [False] and remade[0]["sha256"] == made
+    fresh = {s["step"] for s in again.steps if not s["resumed"]}
+    block = {f"{k} mag-50" for k in ("probe", "diff", "eval")} | \
+        {f"{k} mag-50-aird-ridge-sparse" for k in ("repair", "probe", "diff", "eval")}
+    assert fresh == block                               # compress kept, the rest of the block redone, rtn-8 untouched
+    assert [json.loads(ln)["step"] for ln in (other / "steps.jsonl").read_text().splitlines()].count("eval mag-50") == 1
+
 
 def test_report_only_reports_the_finished_models_of_a_study_still_running(finished, tmp_path, monkeypatch):
     """--report-only on a study cut short (steps.jsonl lacks rtn-8's evaluation and mag-50's repair's): the report

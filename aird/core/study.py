@@ -31,7 +31,8 @@ from aird.core.artifacts import Run, append_jsonl, atomic_write_text, read_jsonl
 from aird.core.data import catalogue_status
 from aird.core.errors import AirdError, ArtifactError, DataNotFound
 from aird.core.progress import Reporter
-from aird.core.cards import drop_weights, record_weights, recorded_weights, weights_missing, write_cards
+from aird.core.cards import (DROPPED_WEIGHTS, drop_weights, record_weights, recorded_weights, weights_missing,
+                             write_cards)
 from aird.core.report import findings, study_judge, write_report
 from aird.core.sources import SEEN_BY_PROBE
 from aird.core.study_results import Entry, StudyResult
@@ -338,13 +339,13 @@ class _Study:
             self._lm_path = path
         return self._lm
 
-    def _remake(self, path: str) -> None:
+    def _remake(self, path: str) -> bool | None:
         """Write a study model's folder again when a step still needs it and its weights are not here: dropped,
         or left out of a copy of the study (a study resumed on another machine gets the records, not the
         weights). The compression or repair runs again with the same configuration and seed; the new weights'
         digests are compared with the ones kept when the model was first made, and ``remade.jsonl`` says whether
-        they are identical (bit for bit on the same machine; another CPU may round differently, which the
-        record shows rather than hides)."""
+        they are identical (bit for bit on the same machine; another CPU may round differently). Returns that
+        (None when no digests were kept)."""
         expected = recorded_weights(path)
         self.rep.note(f"study: the weights of {path} are not here; making them again")
         t = time.perf_counter()
@@ -355,8 +356,8 @@ class _Study:
                "sha256": got, "finished": time.time()}
         append_jsonl(self.out / REMADE_JSONL, [rec])
         if rec["identical"] is False:
-            self.rep.note(f"study: the remade weights of {path} differ from the first ones (remade.jsonl); the "
-                          "steps still to run use the remade ones")
+            self.rep.note(f"study: the remade weights of {path} differ from the first ones (remade.jsonl)")
+        return rec["identical"]
 
     def forget(self) -> None:
         import gc
@@ -458,8 +459,34 @@ class _Study:
 
         self._makers[str(model_dir)] = lambda: make(force=True)
         s = self.step(f"compress {g['name']}", go)
+        self._refresh(model_dir, [g["name"], *(f"{g['name']}-{m}" for m in g.get("repairs", self.cfg["repair"]["methods"]))],
+                      keep={f"compress {g['name']}"})
         return Entry(g["name"], "compressed", folder, str(model_dir), method=s["method"], kind=s.get("kind"),
                      compress=s)
+
+    def _refresh(self, model_dir: Path, models: list[str], keep: set[str]) -> None:
+        """Right after a model's compress or repair step: if the study stopped part-way through that model's block
+        (weights are dropped only once every step of a block is done) on a machine whose weights did not come
+        along, make them before the block's next step; if they are not the ones the block's finished steps saw,
+        those steps (of ``models``: the model and the models made from it) run again on the new ones."""
+        if self.finished_only or not weights_missing(model_dir) or (model_dir / DROPPED_WEIGHTS).is_file():
+            return
+        if self._remake(str(model_dir)) is False:
+            self._forget_steps(models, keep)
+
+    def _forget_steps(self, models: list[str], keep: set[str]) -> None:
+        """Undo the finished steps of these models (but ``keep``): their records leave steps.jsonl and their
+        artifacts go (a repaired model's whole folder), so the study runs them again."""
+        import shutil
+
+        gone = [n for n, r in self.done.items() if n not in keep and n.split(" ", 1)[1] in models]
+        for n in gone:
+            del self.done[n]
+        atomic_write_text(self.out / STEPS_JSONL, "".join(json.dumps(r) + "\n" for r in self.done.values()))
+        for i, name in enumerate(models):
+            for sub in (("probe", "diff", "eval") if i == 0 else ("",)):
+                shutil.rmtree(self.out / name / sub, ignore_errors=True)
+        self.rep.note(f"study: {len(gone)} finished steps of {', '.join(models)} run again on the remade weights")
 
     def repair(self, method: str, parent: Entry, original: Entry) -> Entry:
         from aird.core.repair import REPAIR_JSONL, RepairConfig, run_repair
@@ -489,6 +516,7 @@ class _Study:
 
         self._makers[str(model_dir)] = lambda: make(force=True)
         s = self.step(f"repair {name}", go)
+        self._refresh(model_dir, [name], keep={f"repair {name}"})
         return Entry(name, "repaired", folder, str(model_dir), parent=parent.name, method=method, kind="repair",
                      repair=s)
 
