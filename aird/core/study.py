@@ -459,20 +459,21 @@ class _Study:
 
         self._makers[str(model_dir)] = lambda: make(force=True)
         s = self.step(f"compress {g['name']}", go)
-        self._refresh(model_dir, [g["name"], *(f"{g['name']}-{m}" for m in g.get("repairs", self.cfg["repair"]["methods"]))],
+        self._refresh(model_dir, lambda: [g["name"], *(f"{g['name']}-{m}"
+                                                       for m in g.get("repairs", self.cfg["repair"]["methods"]))],
                       keep={f"compress {g['name']}"})
         return Entry(g["name"], "compressed", folder, str(model_dir), method=s["method"], kind=s.get("kind"),
                      compress=s)
 
-    def _refresh(self, model_dir: Path, models: list[str], keep: set[str]) -> None:
+    def _refresh(self, model_dir: Path, models: Callable[[], list[str]], keep: set[str]) -> None:
         """Right after a model's compress or repair step: if the study stopped part-way through that model's block
         (weights are dropped only once every step of a block is done) on a machine whose weights did not come
         along, make them before the block's next step; if they are not the ones the block's finished steps saw,
-        those steps (of ``models``: the model and the models made from it) run again on the new ones."""
+        those steps (of ``models()``: the model and the models made from it) run again on the new ones."""
         if self.finished_only or not weights_missing(model_dir) or (model_dir / DROPPED_WEIGHTS).is_file():
             return
         if self._remake(str(model_dir)) is False:
-            self._forget_steps(models, keep)
+            self._forget_steps(models(), keep)
 
     def _forget_steps(self, models: list[str], keep: set[str]) -> None:
         """Undo the finished steps of these models (but ``keep``): their records leave steps.jsonl and their
@@ -516,7 +517,7 @@ class _Study:
 
         self._makers[str(model_dir)] = lambda: make(force=True)
         s = self.step(f"repair {name}", go)
-        self._refresh(model_dir, [name], keep={f"repair {name}"})
+        self._refresh(model_dir, lambda: [name], keep={f"repair {name}"})
         return Entry(name, "repaired", folder, str(model_dir), parent=parent.name, method=method, kind="repair",
                      repair=s)
 
