@@ -449,8 +449,19 @@ class _Study:
             self.forget()
             return res.summary
 
+        s = self._model_step(f"compress {g['name']}", model_dir, COMPRESS_JSONL, "compress.summary", make,
+                             lambda: [g["name"], *(f"{g['name']}-{m}"
+                                                   for m in g.get("repairs", self.cfg["repair"]["methods"]))])
+        return Entry(g["name"], "compressed", folder, str(model_dir), method=s["method"], kind=s.get("kind"),
+                     compress=s)
+
+    def _model_step(self, step: str, model_dir: Path, jsonl: str, record: str, make: Callable[..., dict],
+                    models: Callable[[], list[str]]) -> dict:
+        """A step that writes a model folder (compress, repair): reused when its summary record is there, else
+        made (its weights' digests kept beside them); registered to be made again when a later step needs its
+        weights and they are not here, and checked for that at once (:meth:`_refresh`)."""
         def go() -> dict:
-            done = _summary(model_dir / COMPRESS_JSONL, "compress.summary")
+            done = _summary(model_dir / jsonl, record)
             if done is not None and (model_dir / "config.json").is_file():
                 return {**done, "resumed": True}
             s = make()
@@ -458,12 +469,9 @@ class _Study:
             return s
 
         self._makers[str(model_dir)] = lambda: make(force=True)
-        s = self.step(f"compress {g['name']}", go)
-        self._refresh(model_dir, lambda: [g["name"], *(f"{g['name']}-{m}"
-                                                       for m in g.get("repairs", self.cfg["repair"]["methods"]))],
-                      keep={f"compress {g['name']}"})
-        return Entry(g["name"], "compressed", folder, str(model_dir), method=s["method"], kind=s.get("kind"),
-                     compress=s)
+        s = self.step(step, go)
+        self._refresh(model_dir, models, keep={step})
+        return s
 
     def _refresh(self, model_dir: Path, models: Callable[[], list[str]], keep: set[str]) -> None:
         """Right after a model's compress or repair step: if the study stopped part-way through that model's block
@@ -507,17 +515,7 @@ class _Study:
             self.forget()
             return s
 
-        def go() -> dict:
-            done = _summary(model_dir / REPAIR_JSONL, "repair.summary")
-            if done is not None and (model_dir / "config.json").is_file():
-                return {**done, "resumed": True}
-            s = make()
-            record_weights(model_dir)
-            return s
-
-        self._makers[str(model_dir)] = lambda: make(force=True)
-        s = self.step(f"repair {name}", go)
-        self._refresh(model_dir, lambda: [name], keep={f"repair {name}"})
+        s = self._model_step(f"repair {name}", model_dir, REPAIR_JSONL, "repair.summary", make, lambda: [name])
         return Entry(name, "repaired", folder, str(model_dir), parent=parent.name, method=method, kind="repair",
                      repair=s)
 
