@@ -35,14 +35,18 @@ def vllm_lm(lm, dtype: str):
 
     from aird.plugins.engines import _VLLM_CPU_ENV, _cpu_bind, _cpu_bind_list, servable_folder
 
+    real = md.version
     try:
-        md.version("vllm")
+        real("vllm")
     except md.PackageNotFoundError:
         # lm-eval reads the version of a distribution named "vllm" when its vLLM module loads; on a CPU the
-        # distribution is "vllm-cpu" (the same package): answer with its version
-        real = md.version
-        md.version = lambda name: real("vllm-cpu") if name == "vllm" else real(name)
-    from lm_eval.models.vllm_causallms import VLLM
+        # distribution is "vllm-cpu" (the same package): answer as vLLM itself does, "<version>+cpu", while
+        # that module loads
+        md.version = lambda name: real("vllm-cpu") + "+cpu" if name == "vllm" else real(name)
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    finally:
+        md.version = real
 
     for k, v in _VLLM_CPU_ENV.items():
         os.environ.setdefault(k, v)
