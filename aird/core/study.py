@@ -491,7 +491,7 @@ class _Study:
         gone = [n for n, r in self.done.items() if n not in keep and n.split(" ", 1)[1] in models]
         for n in gone:
             del self.done[n]
-        atomic_write_text(self.out / STEPS_JSONL, "".join(json.dumps(r) + "\n" for r in self.done.values()))
+        write_jsonl(self.out / STEPS_JSONL, list(self.done.values()))
         for i, name in enumerate(models):
             for sub in (("probe", "diff", "eval") if i == 0 else ("",)):
                 shutil.rmtree(self.out / name / sub, ignore_errors=True)
